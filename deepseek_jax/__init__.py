@@ -1,0 +1,9 @@
+"""deepseek-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP, YaRN, FP8) in pure-functional JAX/Flax."""
+
+from deepseek_jax import analysis
+from deepseek_jax import interop
+from deepseek_jax.config import ModelConfig, RopeScaling
+from deepseek_jax.model import DeepSeekV3, ModelOutput, init_cache
+
+__all__ = ["ModelConfig", "RopeScaling", "DeepSeekV3", "ModelOutput", "init_cache", "analysis",
+           "interop"]

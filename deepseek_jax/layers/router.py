@@ -1,0 +1,88 @@
+"""The DeepSeekMoE router: scores, group-limited top-k selection, gate weights, balance statistics.
+
+Steps (all in float32):
+1. logits = x W_gate^T; scores = sigmoid(logits) (V3) or softmax(logits) (V2).
+2. Selection scores = scores + e_score_correction_bias (noaux_tc only; the bias steers selection and never
+   the weights - auxiliary-loss-free balancing, V3 section 2.1.2).
+3. Group limiting: group score = sum of the top-2 selection scores of each of n_group groups (noaux_tc) or
+   the group max (group_limited_greedy); keep topk_group groups, mask the others with -inf.
+4. Top-K experts of the masked selection scores; weights gathered from the unbiased scores, normalized to
+   sum 1 if norm_topk_prob (denominator + 1e-20), times routed_scaling_factor.
+5. Statistics: tokens per expert, and the sequence-wise balance loss sum_i f_i P_i (V3 eq. 17-20) with
+   f_i = E / (K S) x (tokens of the sequence routed to i), P_i = mean over the sequence of the normalized scores.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.linear import dtype_of, normal_init, param
+
+
+def select_experts(cfg: ModelConfig, scores, bias=None):
+  """Top-K expert ids [T, K] and gate weights [T, K] from float32 scores [T, E] (steps 2-4)."""
+  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  choice = scores if bias is None else scores + bias[None, :]
+  if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.n_group > 1:
+    grouped = choice.reshape(choice.shape[0], cfg.n_group, e // cfg.n_group)
+    if cfg.topk_method == "noaux_tc":
+      group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+      group_scores = grouped.max(-1)
+    _, group_idx = jax.lax.top_k(group_scores, cfg.topk_group)
+    group_mask = jnp.zeros_like(group_scores, dtype=bool).at[
+        jnp.arange(group_scores.shape[0])[:, None], group_idx].set(True)
+    mask = jnp.repeat(group_mask, e // cfg.n_group, axis=-1)
+    choice = jnp.where(mask, choice, -jnp.inf)
+  _, idx = jax.lax.top_k(choice, k)
+  weights = jnp.take_along_axis(scores, idx, axis=-1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return idx, weights * cfg.routed_scaling_factor
+
+
+def balance_statistics(cfg: ModelConfig, scores, idx, batch: int):
+  """(tokens_per_expert [E], sequence-wise balance loss) for scores [B*S, E], idx [B*S, K]."""
+  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  counts = jnp.zeros((idx.shape[0], e), jnp.float32).at[
+      jnp.arange(idx.shape[0])[:, None], idx].add(1.0)                     # [T, E]
+  tokens_per_expert = counts.sum(0)
+  counts = counts.reshape(batch, -1, e)
+  seq = counts.shape[1]
+  f = jax.lax.stop_gradient(counts.sum(1)) * (e / (k * seq))              # [B, E]
+  normalized = scores / scores.sum(-1, keepdims=True)
+  p = normalized.reshape(batch, seq, e).mean(1)                           # [B, E]
+  return tokens_per_expert, jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+class Router(nn.Module):
+  """The gate of one MoE layer.  Params: `kernel` [D, E]; state (collection 'router'):
+  `e_score_correction_bias` [E] float32 for noaux_tc."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, batch: int):
+    """Routes x [T, D] (T = batch x seq) -> (idx [T,K], weights [T,K] fp32, stats dict)."""
+    cfg = self.cfg
+    w = param(self, "kernel", normal_init(cfg.initializer_range),
+              (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert_gate"),
+              dtype_of(cfg.param_dtype))
+    logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    if cfg.scoring_func == "sigmoid":
+      scores = jax.nn.sigmoid(logits)
+    else:
+      scores = jax.nn.softmax(logits, axis=-1)
+    bias = None
+    if cfg.has_router_bias:
+      bias = self.variable(
+          "router", "e_score_correction_bias",
+          nn.with_logical_partitioning(lambda: jnp.zeros((cfg.n_routed_experts,), jnp.float32),
+                                       ("expert_gate",))).value
+      bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
+    idx, weights = select_experts(cfg, scores, bias)
+    tokens_per_expert, balance = balance_statistics(cfg, scores, idx, batch)
+    return idx, weights, {"tokens_per_expert": tokens_per_expert, "balance_loss": balance}

@@ -1,0 +1,58 @@
+"""One pre-norm decoder block: x + MLA(norm(x)), then h + FFN(norm(h)) with FFN dense or DeepSeekMoE."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.mla import MLA
+from deepseek_jax.layers.mlp import MLP
+from deepseek_jax.layers.moe import MoE
+from deepseek_jax.layers.norms import RMSNorm
+
+ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+class DecoderLayer(nn.Module):
+  """input_layernorm -> self_attn (MLA) -> residual -> post_attention_layernorm -> mlp (dense or MoE)."""
+  cfg: ModelConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x, positions, cache=None, cache_start=None, absorbed: bool = False):
+    """Returns (x [B,S,D], updated cache or None, router statistics or None)."""
+    cfg = self.cfg
+    x = nn.with_logical_constraint(x, ACT)
+    h, cache = MLA(cfg, name="self_attn")(
+        RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x),
+        positions, cache=cache, cache_start=cache_start, absorbed=absorbed)
+    x = x + h.astype(x.dtype)
+    y = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype,
+                name="post_attention_layernorm")(x)
+    stats = None
+    if self.moe:
+      y, stats = MoE(cfg, name="mlp")(y)
+    else:
+      y = MLP(cfg, cfg.intermediate_size, name="mlp")(y)
+    x = x + y.astype(x.dtype)
+    return nn.with_logical_constraint(x, ACT), cache, stats
+
+
+def remat_block(cfg: ModelConfig):
+  """DecoderLayer wrapped in jax.checkpoint according to cfg.remat_policy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if cfg.remat_policy == "none":
+    return DecoderLayer
+  policy = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[cfg.remat_policy]
+  return nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
+
+
+def zeros_like_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:
+  """An empty latent cache of one layer: c_kv [B,T,Dc] and k_pe [B,T,Dr]."""
+  return {"c_kv": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+          "k_pe": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}

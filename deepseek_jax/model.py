@@ -1,0 +1,166 @@
+"""DeepSeekV3: the whole model (also V2 / V2-Lite / R1 through their configs).
+
+    tokens -> embed_tokens -> num_hidden_layers x DecoderLayer (dense MLP for the first
+    first_k_dense_replace, DeepSeekMoE after) -> norm -> lm_head -> logits
+                                   \\-> MTP depth 1..D (shared embedding and head) -> mtp_logits
+
+Pure Flax Linen: `variables = model.init(rng, tokens)` holds 'params' and, for noaux_tc routing, the
+non-trained 'router' collection (e_score_correction_bias per MoE layer); `model.apply(variables, tokens)`
+returns a `ModelOutput`.  `init` returns plain arrays; `deepseek_jax.sharding.logical_axes` gives each
+parameter's logical axis names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.linear import Linear, dtype_of, normal_init
+from deepseek_jax.layers.mtp import MTPLayer
+from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.layers.transformer import remat_block, zeros_like_cache
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """What `DeepSeekV3.__call__` returns.
+
+  Attributes:
+    logits: [B, S, V] float32, next-token logits.
+    mtp_logits: tuple over MTP depths k = 1..D of [B, S, V] float32; position i predicts token i + k + 1
+      (the last k positions see padding and carry no target).
+    tokens_per_expert: [L_moe, E] float32, routed assignments per expert for every MoE layer (main layers in
+      order, then the MTP blocks); None for a dense model.
+    balance_loss: [L_moe] float32, the sequence-wise balance loss sum_i f_i P_i per MoE layer (not yet times
+      aux_loss_alpha).
+    hidden: [B, S, D] the main model's final normalized hidden state (h^0 of the MTP modules).
+    cache: the updated latent cache, when one was given.
+  """
+  logits: jax.Array
+  mtp_logits: tuple = ()
+  tokens_per_expert: Optional[jax.Array] = None
+  balance_loss: Optional[jax.Array] = None
+  hidden: Optional[jax.Array] = None
+  cache: Any = None
+
+
+def _stack_stats(stats):
+  stats = [s for s in stats if s is not None]
+  if not stats:
+    return None, None
+  return (jnp.stack([s["tokens_per_expert"] for s in stats]),
+          jnp.stack([s["balance_loss"] for s in stats]))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:
+  """An empty latent KV cache for every layer and MTP depth: (kv_lora_rank + qk_rope_head_dim) numbers per
+  token and layer."""
+  return {"layers": tuple(zeros_like_cache(cfg, batch, length, dtype)
+                          for _ in range(cfg.num_hidden_layers)),
+          "mtp": tuple(zeros_like_cache(cfg, batch, length, dtype)
+                       for _ in range(cfg.num_nextn_predict_layers))}
+
+
+class DeepSeekV3(nn.Module):
+  """DeepSeek-V3 language model with MLA, DeepSeekMoE and MTP (see module docstring)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range),
+                                                    ("vocab", "embed")))
+    block = remat_block(cfg)
+    self.layers = [block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)]
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Linear(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), fp8=False)
+    self.mtp = [MTPLayer(cfg) for _ in range(cfg.num_nextn_predict_layers)]
+
+  def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ
+    """`nn.Module.init` with the logical-partitioning boxes removed: plain arrays."""
+    return nn.unbox(super().init(rngs, *args, **kwargs))
+
+  def head(self, h):
+    """Logits [.., V] float32 of normalized hidden states h."""
+    if self.cfg.tie_word_embeddings:
+      logits = self.embed_tokens.attend(h.astype(dtype_of(self.cfg.dtype)))
+    else:
+      logits = self.lm_head(h)
+    return logits.astype(jnp.float32)
+
+  def _positions(self, tokens, positions, cache_start):
+    if positions is not None:
+      return positions.astype(jnp.int32)
+    s = tokens.shape[1]
+    base = jnp.zeros((tokens.shape[0],), jnp.int32) if cache_start is None else cache_start
+    return base[:, None].astype(jnp.int32) + jnp.arange(s, dtype=jnp.int32)[None]
+
+  def main(self, tokens, positions=None, *, cache=None, cache_start=None, absorbed: bool = False):
+    """The main model.  Returns (hidden [B,S,D] normalized, logits [B,S,V], stats list, layer caches)."""
+    cfg = self.cfg
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be int [batch, seq], got shape {tokens.shape}")
+    positions = self._positions(tokens, positions, cache_start)
+    x = self.embed_tokens(tokens)
+    stats, new_cache = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      x, layer_cache, st = layer(x, positions, layer_cache, cache_start, absorbed)
+      stats.append(st)
+      new_cache.append(layer_cache)
+    h = self.norm(x)
+    return h, self.head(h), stats, (None if cache is None else tuple(new_cache))
+
+  def mtp_depth(self, k: int, h_prev, next_tokens, positions, *, cache=None, cache_start=None,
+                absorbed: bool = False):
+    """MTP depth k (1-based): h_prev [B,S,D] (h^{k-1}), next_tokens [B,S] = t_{i+k}.
+
+    Returns (h^k [B,S,D], logits [B,S,V], router stats, updated cache)."""
+    h, h_normed, cache, stats = self.mtp[k - 1](h_prev, self.embed_tokens(next_tokens), positions, cache,
+                                                cache_start, absorbed)
+    return h, self.head(h_normed), stats, cache
+
+  def __call__(self, tokens, positions=None, *, cache=None, cache_start=None, absorbed: bool = False,
+               mtp_tokens=None):
+    """Full forward pass.
+
+    Args:
+      tokens: int32 [B, S].
+      positions: optional int32 [B, S] rope positions (default arange(S), or cache_start + arange(S)).
+      cache: optional latent cache from `init_cache` ({'layers': ..., 'mtp': ...}); new latents are written
+        at slots cache_start[b] + i and attention sees slots up to each query's own.
+      cache_start: int32 [B], first slot written (required with a cache).
+      absorbed: run attention in the latent space (the decoding path).
+      mtp_tokens: optional int32 [B, S + D] continuation used by the MTP depths (depth k reads
+        mtp_tokens[:, k : k + S]); default: tokens shifted left, padded with 0 (training).
+    Returns:
+      ModelOutput.
+    """
+    cfg = self.cfg
+    b, s = tokens.shape
+    h, logits, stats, layer_cache = self.main(
+        tokens, positions, cache=None if cache is None else cache["layers"], cache_start=cache_start,
+        absorbed=absorbed)
+    positions = self._positions(tokens, positions, cache_start)
+    depth = cfg.num_nextn_predict_layers
+    if mtp_tokens is None:
+      mtp_tokens = jnp.concatenate([tokens, jnp.zeros((b, depth), tokens.dtype)], axis=1)
+    mtp_logits, mtp_cache, h_prev = [], [], h
+    for k in range(1, depth + 1):
+      c = None if cache is None else cache["mtp"][k - 1]
+      h_prev, lg, st, c = self.mtp_depth(k, h_prev, mtp_tokens[:, k:k + s], positions, cache=c,
+                                         cache_start=cache_start, absorbed=absorbed)
+      mtp_logits.append(lg)
+      stats.append(st)
+      mtp_cache.append(c)
+    tpe, bal = _stack_stats(stats)
+    new_cache = None if cache is None else {"layers": layer_cache, "mtp": tuple(mtp_cache)}
+    return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), tokens_per_expert=tpe,
+                       balance_loss=bal, hidden=h, cache=new_cache)

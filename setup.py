@@ -1,0 +1,42 @@
+"""deepseek-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP, YaRN, FP8) in JAX/Flax with Pallas kernels."""
+
+from setuptools import setup
+
+setup(
+    name="deepseek-jax",
+    version="0.1.0",
+    description="DeepSeek-V3 in pure-functional JAX/Flax with Pallas kernels for MLA and expert dispatch",
+    packages=["deepseek_jax", "deepseek_jax.layers", "deepseek_jax.ops", "deepseek_jax.training",
+              "deepseek_jax.data", "deepseek_jax.inference", "deepseek_jax.interop",
+              "deepseek_jax.analysis", "kernels"],
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "einops>=0.8",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "tokenizers>=0.20",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "chex>=0.1.88",
+            "torch==2.13.0",
+            "transformers==5.24.0",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
+        ],
+        "notebooks": ["jupyter", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10",
+                      "ipykernel>=6.29"],
+        "parity": ["torch==2.13.0", "transformers==5.24.0"],
+    },
+)
