@@ -1,0 +1,1 @@
+"""absl entry points of deepseek-jax, run from the repository root (`python -m experiments.X`)."""

@@ -1,0 +1,36 @@
+"""Benchmark dispatcher: `python -m experiments.bench --suite=kernels [--json=PATH] [--small]`.
+
+Each suite is a module `experiments.benchmarks.<name>` with `run(flags) -> dict`; it is imported only
+when chosen. Adding a suite is one line in `SUITES`.
+"""
+
+import importlib
+import json
+import os
+
+from absl import app, flags
+
+SUITES = {
+    "kernels": "experiments.benchmarks.kernels",
+}
+
+flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")
+flags.DEFINE_string("json", "", "Also write the result JSON to this path.")
+flags.DEFINE_bool("small", False, "Small shapes (the default on CPU).")
+flags.DEFINE_integer("runs", 0, "Timed runs per case (0: the suite's default).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  result = importlib.import_module(SUITES[FLAGS.suite]).run(FLAGS)
+  text = json.dumps(result, indent=2, sort_keys=False)
+  print(text)
+  if FLAGS.json:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+    with open(FLAGS.json, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

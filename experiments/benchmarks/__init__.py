@@ -1,0 +1,1 @@
+"""Benchmark suites for `python -m experiments.bench`; each module exposes `run(flags) -> dict`."""
