@@ -28,6 +28,10 @@ from deepseek_jax.layers.rope import apply_rope, rope_cos_sin
 from deepseek_jax.ops.attention import attention
 from deepseek_jax.ops.decode import absorbed_attention
 
+# The latent norms use eps 1e-6 whatever config.rms_norm_eps says: DeepSeek's inference code and transformers
+# build them as RMSNorm(rank) with the default eps (rms_norm_eps only reaches the block and final norms).
+LATENT_NORM_EPS = 1e-6
+
 
 def write_cache(cache: dict, c_kv, k_pe, start):
   """Writes S new latents per row at slots start[b] .. start[b] + S - 1 of the cache."""
@@ -49,11 +53,11 @@ class MLA(nn.Module):
       self.q_proj = Linear(cfg, (d,), (h, qk), ("embed", "heads", "qk_dim"))
     else:
       self.q_a_proj = Linear(cfg, (d,), (cfg.q_lora_rank,), ("embed", "q_lora"))
-      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, cfg.param_dtype)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, cfg.param_dtype)
       self.q_b_proj = Linear(cfg, (cfg.q_lora_rank,), (h, qk), ("q_lora", "heads", "qk_dim"))
     self.kv_a_proj_with_mqa = Linear(cfg, (d,), (cfg.kv_lora_rank + cfg.qk_rope_head_dim,),
                                      ("embed", "kv_lora_rope"))
-    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, cfg.param_dtype)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, cfg.param_dtype)
     self.kv_b_proj = Linear(cfg, (cfg.kv_lora_rank,), (h, cfg.qk_nope_head_dim + cfg.v_head_dim),
                             ("kv_lora", "heads", "kv_dim"))
     self.o_proj = Linear(cfg, (h, cfg.v_head_dim), (d,), ("heads", "v_dim", "embed"))
