@@ -2,6 +2,7 @@
 
 All compute y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]) with expert(x) = (silu(x Wg) * (x Wu)) Wd, dropless:
 - 'dense': every expert on every token, combined through a [T, E] weight matrix (the reference).
+- 'blocked' (CPU default): each expert's rows padded to a block multiple, one batched matmul over blocks.
 - 'xla': sort the T*K (token, expert) assignments by expert, grouped matmuls with `jax.lax.ragged_dot`
   over the contiguous groups, unsort, weighted sum over K.
 - 'pallas': the same with the Pallas `kernels.grouped_matmul.gmm`.
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.dispatch import combine, permute, sort_by_expert
-from deepseek_jax.ops.backend import resolve
+from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 
@@ -39,6 +40,61 @@ def sorted_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str):
   return combine(ys, inverse, weights)
 
 
+def block_size_for(rows: int, num_experts: int) -> int:
+  """Rows per block of the blocked dispatch: about a quarter of the mean group, a power of two in
+  [8, 128] (larger blocks waste up to E x (block - 1) padded rows, smaller ones make thin matmuls)."""
+  target = max(rows // (4 * num_experts), 1)
+  return int(min(128, max(8, 1 << (target.bit_length() - 1))))
+
+
+def blocked_layout(idx, num_experts: int, block: int):
+  """Slots of the blocked layout: each expert's rows padded to a multiple of `block`.
+
+  Returns:
+    slot_token [P] token of each padded slot (0 for padding), slot_valid [P] bool, block_expert [P/block]
+    expert of each block, assignment_slot [T*K] the slot holding each flat (token, k) assignment.
+    P = ceil((T*K + E*(block-1)) / block) * block is static: no assignment is ever dropped.
+  """
+  t, k = idx.shape
+  rows = t * k
+  num_blocks = -(-(rows + num_experts * (block - 1)) // block)
+  p = num_blocks * block
+  order, group_sizes, inverse = sort_by_expert(idx, num_experts=num_experts)
+  group_start = jnp.cumsum(group_sizes) - group_sizes
+  padded = (group_sizes + block - 1) // block * block
+  padded_end = jnp.cumsum(padded)
+  padded_start = padded_end - padded
+  sorted_expert = idx.reshape(-1)[order]
+  sorted_slot = padded_start[sorted_expert] + jnp.arange(rows, dtype=jnp.int32) - group_start[sorted_expert]
+  slot_token = jnp.zeros((p,), jnp.int32).at[sorted_slot].set(order // k)
+  slot_valid = jnp.zeros((p,), bool).at[sorted_slot].set(True)
+  block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks, dtype=jnp.int32) * block,
+                                  side="right")
+  block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+  assignment_slot = jnp.take(sorted_slot, inverse)
+  return slot_token, slot_valid, block_expert, assignment_slot
+
+
+def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None):
+  """Dropless experts as batched matmuls over blocks of one expert each (the CPU default).
+
+  `jax.lax.ragged_dot` on CPU computes every group for every row; here each expert's rows are padded to a
+  multiple of `block` and every block multiplies by its own expert's weights, so the work is the routed
+  rows plus at most E x (block - 1) padding rows.
+  """
+  e = w_gate.shape[0]
+  t, k = idx.shape
+  block = block or block_size_for(t * k, e)
+  slot_token, slot_valid, block_expert, assignment_slot = jax.lax.stop_gradient(
+      blocked_layout(idx, e, block))
+  xb = jnp.where(slot_valid[:, None], jnp.take(x, slot_token, axis=0), 0).reshape(-1, block, x.shape[1])
+  h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, jnp.take(w_gate, block_expert, axis=0)))
+       * jnp.einsum("NBD,NDF->NBF", xb, jnp.take(w_up, block_expert, axis=0)))
+  yb = jnp.einsum("NBF,NFD->NBD", h, jnp.take(w_down, block_expert, axis=0)).reshape(-1, x.shape[1])
+  y = jnp.take(yb, assignment_slot, axis=0).reshape(t, k, -1)
+  return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
+
+
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
@@ -46,12 +102,15 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto")
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights from the router.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'xla' | 'pallas').
+    impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'blocked' | 'xla' | 'pallas'); 'auto' is 'pallas' on
+      GPU and 'blocked' elsewhere.
   """
   from deepseek_jax.ops import expert_parallel  # pylint: disable=g-import-not-at-top
   if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
     return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
   if impl == "dense":
     return dense_experts(x, idx, weights, w_gate, w_up, w_down)
+  if impl == "blocked" or (impl == "auto" and not on_gpu()):
+    return blocked_experts(x, idx, weights, w_gate, w_up, w_down)
   return sorted_experts(x, idx, weights, w_gate, w_up, w_down,
                         impl=resolve(impl, field="moe_impl"))
