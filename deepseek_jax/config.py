@@ -20,6 +20,9 @@ MOE_IMPLS = ("auto", "dense", "blocked", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp8")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Fields of ModelConfig that are implementation choices, not part of an HF config.json.
+NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "attention_impl", "moe_impl",
+                           "remat_policy"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +296,8 @@ class ModelConfig:
     for k in ("bos_token_id", "eos_token_id"):
       if isinstance(d.get(k), list):
         d[k] = d[k][0]
-    known = {f.name for f in dataclasses.fields(cls)}
+    # Only HF fields: transformers writes "dtype" (its storage dtype), which is not our compute dtype.
+    known = {f.name for f in dataclasses.fields(cls)} - NON_HF_FIELDS
     kwargs = dict(base)
     kwargs.update({k: v for k, v in d.items() if k in known})
     kwargs.update(overrides)
@@ -302,11 +306,13 @@ class ModelConfig:
   def to_hf(self) -> dict:
     """The released `config.json` layout (model_type deepseek_v3, `rope_scaling`,
     `num_nextn_predict_layers`), readable by transformers and by `from_hf`."""
-    skip = {"dtype", "param_dtype", "precision", "attention_impl", "moe_impl", "remat_policy"}
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NON_HF_FIELDS}
     d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
-    d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_act="silu",
-             num_key_value_heads=self.num_attention_heads, torch_dtype="float32",
+    # Softmax routing without the bias is DeepSeek-V2's gate; transformers picks the gate by model_type.
+    v2 = self.scoring_func == "softmax" and self.topk_method != "noaux_tc"
+    d.update(model_type="deepseek_v2" if v2 else "deepseek_v3",
+             architectures=["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
+             hidden_act="silu", num_key_value_heads=self.num_attention_heads, torch_dtype="float32",
              rope_interleave=True)
     return d
 

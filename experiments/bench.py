@@ -12,6 +12,7 @@ from absl import app, flags
 
 SUITES = {
     "kernels": "experiments.benchmarks.kernels",
+    "convert": "experiments.benchmarks.convert",
 }
 
 flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")

@@ -25,7 +25,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear, dtype_of
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin
-from deepseek_jax.ops.attention import attention
+from deepseek_jax.ops.attention import mla_attention
 from deepseek_jax.ops.decode import absorbed_attention
 
 # The latent norms use eps 1e-6 whatever config.rms_norm_eps says: DeepSeek's inference code and transformers
@@ -118,10 +118,8 @@ class MLA(nn.Module):
     else:
       k_nope = jnp.einsum("BTC,CHN->BTHN", c_kv, w_uk)
       v = jnp.einsum("BTC,CHV->BTHV", c_kv, w_uv)
-      k_pe_h = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (cfg.qk_rope_head_dim,))
-      q = jnp.concatenate([q_nope, q_pe], axis=-1)
-      k = jnp.concatenate([k_nope, k_pe_h], axis=-1)
-      q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
-                                         None))
-      o = attention(q, k, v, scale=cfg.softmax_scale, q_slots=q_slots, impl=cfg.attention_impl)
+      q_nope = nn.with_logical_constraint(q_nope, ("activation_batch", "activation_length",
+                                                   "activation_heads", None))
+      o = mla_attention(q_nope, q_pe, k_nope, k_pe, v, scale=cfg.softmax_scale, q_slots=q_slots,
+                        impl=cfg.attention_impl)
     return self.o_proj(o.astype(dtype)), cache

@@ -33,8 +33,7 @@ def select_experts(cfg: ModelConfig, scores, bias=None):
     else:
       group_scores = grouped.max(-1)
     _, group_idx = jax.lax.top_k(group_scores, cfg.topk_group)
-    group_mask = jnp.zeros_like(group_scores, dtype=bool).at[
-        jnp.arange(group_scores.shape[0])[:, None], group_idx].set(True)
+    group_mask = jax.nn.one_hot(group_idx, cfg.n_group, dtype=jnp.float32).sum(1) > 0   # [T, G]
     mask = jnp.repeat(group_mask, e // cfg.n_group, axis=-1)
     choice = jnp.where(mask, choice, -jnp.inf)
   _, idx = jax.lax.top_k(choice, k)
@@ -47,8 +46,7 @@ def select_experts(cfg: ModelConfig, scores, bias=None):
 def balance_statistics(cfg: ModelConfig, scores, idx, batch: int):
   """(tokens_per_expert [E], sequence-wise balance loss) for scores [B*S, E], idx [B*S, K]."""
   e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-  counts = jnp.zeros((idx.shape[0], e), jnp.float32).at[
-      jnp.arange(idx.shape[0])[:, None], idx].add(1.0)                     # [T, E]
+  counts = jax.nn.one_hot(idx, e, dtype=jnp.float32).sum(1)               # [T, E]
   tokens_per_expert = counts.sum(0)
   counts = counts.reshape(batch, -1, e)
   seq = counts.shape[1]

@@ -31,6 +31,35 @@ def attention_reference(q, k, v, *, scale: float, q_slots=None):
   return out.astype(q.dtype)
 
 
+def mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None):
+  """MLA's naive attention without materializing per-head rope keys: the score is
+  q_nope . k_nope (per head) + q_pe . k_pe (k_pe [B,T,Dr] shared by all heads).  -> [B,S,H,Dv]."""
+  b, s = q_nope.shape[:2]
+  t = k_nope.shape[1]
+  if q_slots is None:
+    q_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + (t - s), (b, s))
+  logits = (jnp.einsum("BSHN,BTHN->BHST", q_nope, k_nope, preferred_element_type=jnp.float32)
+            + jnp.einsum("BSHR,BTR->BHST", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
+  logits = jnp.where(slot_mask(q_slots, t), logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BHST,BTHV->BSHV", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q_nope.dtype)
+
+
+def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, impl: str = "auto"):
+  """MLA's naive-path attention: q = [q_nope | q_pe] per head, k = [k_nope | k_pe] with k_pe shared.
+
+  The XLA path scores the two parts separately (no per-head copy of k_pe); the Pallas path concatenates
+  and runs `kernels.mla_attention.flash_attention` (qk dim Dn + Dr, value dim Dv).
+  """
+  impl = resolve(impl, field="attention_impl")
+  if impl == "pallas" and q_slots is None and q_nope.shape[1] == k_nope.shape[1]:
+    k_pe_h = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (k_pe.shape[-1],))
+    return attention(jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe_h], -1), v,
+                     scale=scale, impl="pallas")
+  return mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_slots=q_slots)
+
+
 def attention(q, k, v, *, scale: float, q_slots=None, impl: str = "auto"):
   """Causal attention with unequal qk / v head dims.
 

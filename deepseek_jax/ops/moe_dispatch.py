@@ -88,9 +88,13 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   slot_token, slot_valid, block_expert, assignment_slot = jax.lax.stop_gradient(
       blocked_layout(idx, e, block))
   xb = jnp.where(slot_valid[:, None], jnp.take(x, slot_token, axis=0), 0).reshape(-1, block, x.shape[1])
-  h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, jnp.take(w_gate, block_expert, axis=0)))
-       * jnp.einsum("NBD,NDF->NBF", xb, jnp.take(w_up, block_expert, axis=0)))
-  yb = jnp.einsum("NBF,NFD->NBD", h, jnp.take(w_down, block_expert, axis=0)).reshape(-1, x.shape[1])
+  # Per-block weights through a one-hot matmul rather than a gather: its transpose (the weight gradient
+  # summed over each expert's blocks) is then a matmul too, not a scatter-add.
+  onehot = jax.nn.one_hot(block_expert, e, dtype=x.dtype)                  # [N, E]
+  per_block = lambda w: jnp.einsum("NE,EIO->NIO", onehot, w)
+  h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, per_block(w_gate)))
+       * jnp.einsum("NBD,NDF->NBF", xb, per_block(w_up)))
+  yb = jnp.einsum("NBF,NFD->NBD", h, per_block(w_down)).reshape(-1, x.shape[1])
   y = jnp.take(yb, assignment_slot, axis=0).reshape(t, k, -1)
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
 
