@@ -173,3 +173,69 @@ def describe(shardings: Mapping) -> str:
   for path, s in jax.tree_util.tree_leaves_with_path(shardings):
     lines.append(f"{jax.tree_util.keystr(path)}: {s.spec}")
   return "\n".join(lines)
+
+
+def _add_axes(spec: PartitionSpec, shape, mesh: Mesh, axes: Sequence[str]) -> PartitionSpec:
+  """`spec` with `axes` added to the first dim that is unsharded and divisible by their product."""
+  axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+  used = {a for entry in spec if entry is not None
+          for a in ((entry,) if isinstance(entry, str) else entry)}
+  axes = tuple(a for a in axes if a not in used)
+  if not axes:
+    return spec
+  size = math.prod(mesh.shape[a] for a in axes)
+  entries = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
+  for i, (dim, entry) in enumerate(zip(shape, entries)):
+    if entry is None and dim % size == 0:
+      entries[i] = axes[0] if len(axes) == 1 else axes
+      return PartitionSpec(*entries)
+  return spec
+
+
+def train_state_sharding(model: nn.Module, mesh: Mesh, rules: Sequence = LOGICAL_RULES, *,
+                         zero1_axes: Sequence[str] = ()):
+  """A function abstract train state -> shardings that lays every array out by the logical rules.
+
+  Parameters and the router state take `variable_shardings`; every other leaf whose path ends with a
+  parameter's path and has its shape (the optimizer's moments, e.g. `opt_state[...].mu['layers_3']...`) takes
+  that parameter's sharding, optionally further split over `zero1_axes` (ZeRO-1: optimizer state sharded over
+  the data-parallel replicas, parameters not); everything else (step counters, rng) is replicated. This is
+  the function `deepseek_jax.training.state.init_state(sharding=...)` and the train step take.
+
+  Args:
+    model: the model (its logical axes come from an abstract init on a [1, 1] token batch).
+    mesh: the device mesh.
+    rules: logical-axis rules.
+    zero1_axes: mesh axes to split the optimizer-state copies over as well (e.g. ('data',)).
+  Returns:
+    fn(abstract_tree) -> pytree of NamedSharding of the same structure.
+  """
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  var_shardings = variable_shardings(model, mesh, tokens, rules=rules)
+  shapes = nn.unbox(boxed_abstract_variables(model, tokens))
+  table = {}
+  for collection in var_shardings:
+    for (path, s), leaf in zip(jax.tree_util.tree_leaves_with_path(var_shardings[collection]),
+                               jax.tree.leaves(shapes[collection])):
+      table[tuple(path)] = (s.spec, tuple(leaf.shape))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def lookup(path, leaf):
+    path = tuple(path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    for start in range(len(path)):
+      hit = table.get(path[start:])
+      if hit is None or hit[1] != shape:
+        continue
+      spec = hit[0]
+      owner = path[start - 1] if start else None
+      is_variable = getattr(owner, "name", getattr(owner, "key", None)) in ("params", "router")
+      if zero1_axes and not is_variable:
+        spec = _add_axes(spec, shape, mesh, zero1_axes)
+      return NamedSharding(mesh, spec)
+    return replicated
+
+  def fn(tree):
+    return jax.tree_util.tree_map_with_path(lookup, tree)
+
+  return fn

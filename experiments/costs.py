@@ -3,6 +3,7 @@
     python -m experiments.costs                                   # DeepSeek-V3 as reported (Table 1)
     python -m experiments.costs --preset=small --tokens=2e9 --seq_len=2048 --gpu=H200 --mfu=0.35
     python -m experiments.costs --config=experiments/configs/tiny.py --format=json
+    python -m experiments.costs --mesh=data:32,expert:64 --batch_size=2048 --remat_policy=full  # + memory
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from deepseek_jax.analysis import cost
+from deepseek_jax.analysis import cost, memory
 from deepseek_jax.config import ModelConfig
 
 _PRESET = flags.DEFINE_string("preset", "deepseek-v3", "ModelConfig preset (ignored with --config).")
@@ -30,6 +31,14 @@ _MFU = flags.DEFINE_float("mfu", None, "Assumed MFU (gives the GPU-hours).")
 _PRECISION = flags.DEFINE_enum("precision", "bf16", ["bf16", "fp8"], "Peak the MFU refers to.")
 _PRICE = flags.DEFINE_float("price_per_gpu_hour", cost.V3_PRICE_PER_GPU_HOUR, "USD per GPU-hour.")
 _NUM_GPUS = flags.DEFINE_integer("num_gpus", cost.V3_NUM_GPUS, "GPUs, for the wall-clock figure.")
+_MESH = flags.DEFINE_string("mesh", None, "Also print the per-device memory plan on this mesh, e.g. "
+                            "data:32,expert:64 (axes data, fsdp, expert, tensor).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global sequences processed at once for the memory plan "
+                              "(one microbatch); default one per token-sharding device.")
+_REMAT = flags.DEFINE_string("remat_policy", None, "Memory plan: none, full, dots, dots_with_no_batch_dims "
+                             "(default: the model's).")
+_OPT_DTYPE = flags.DEFINE_enum("opt_dtype", "float32", ["float32", "bfloat16"], "Memory plan: AdamW moments.")
+_ZERO1 = flags.DEFINE_bool("zero1", True, "Memory plan: shard optimizer state over the data axis (ZeRO-1).")
 _CAUSAL = flags.DEFINE_bool("causal", True, "Count causal-average attention ((S+1)/2 keys), else all S.")
 
 
@@ -156,7 +165,18 @@ def main(argv):
                             gpu_hours=_GPU_HOURS.value, mfu=_MFU.value, precision=_PRECISION.value,
                             price_per_gpu_hour=_PRICE.value, num_gpus=_NUM_GPUS.value,
                             causal=_CAUSAL.value)
-  print(json.dumps(report, indent=2) if _FORMAT.value == "json" else format_table(report))
+  if _MESH.value:
+    sizes = memory.parse_mesh(_MESH.value)
+    batch = _BATCH.value or sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
+    report["memory"] = memory.memory_plan(cfg, sizes, batch_size=batch, seq_len=seq_len,
+                                          opt_dtype=_OPT_DTYPE.value, remat_policy=_REMAT.value,
+                                          zero1_axes=("data",) if _ZERO1.value else ())
+  if _FORMAT.value == "json":
+    print(json.dumps(report, indent=2))
+  else:
+    print(format_table(report))
+    if "memory" in report:
+      print("\nMemory per device\n" + memory.format_memory_plan(report["memory"]))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,21 @@ def _a2a(x, tiled=True):
   return jax.lax.all_to_all(x, EXPERT_AXIS, 0, 0, tiled=tiled)
 
 
+def _varying_zeros(shape, dtype):
+  """Zeros typed as varying over 'expert': a ragged all-to-all's result takes its `output` buffer's type,
+  and each device's result differs."""
+  z = jnp.zeros(shape, dtype)
+  for name in ("pcast", "pvary"):  # jax 0.10+: pcast(..., to='varying'); older: pvary
+    fn = getattr(jax.lax, name, None)
+    if fn is None:
+      continue
+    try:
+      return fn(z, EXPERT_AXIS, to="varying") if name == "pcast" else fn(z, (EXPERT_AXIS,))
+    except (TypeError, ValueError):  # already varying, or no type checking (check_vma=False)
+      return z
+  return z
+
+
 def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                      max_rows: int):
   """`jax.lax.ragged_all_to_all` over 'expert' (one slice per peer) built from a dense all_to_all.
@@ -176,7 +191,7 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
     ragged = (jax.lax.ragged_all_to_all if collective == "ragged"
               else lambda *a, **kw: _ragged_emulated(*a, max_rows=cap))
     out_off = jnp.full((ep,), me * cap, jnp.int32)
-    x_slots = ragged(xs, jnp.zeros((ep * cap, x.shape[1]), x.dtype), send_off.astype(jnp.int32),
+    x_slots = ragged(xs, _varying_zeros((ep * cap, x.shape[1]), x.dtype), send_off.astype(jnp.int32),
                      send.astype(jnp.int32), out_off, recv.astype(jnp.int32), axis_name=EXPERT_AXIS)
 
   # Local expert id of every slot: source i's rows arrive sorted by expert; e_local marks empty slots.
@@ -198,7 +213,7 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
     y_sorted = jnp.where(keep[:, None], back[dest, jnp.where(keep, pos, 0)], 0).astype(x.dtype)
   else:
     src_off = _a2a(send_off.astype(jnp.int32))                            # source i's offset of my chunk
-    y_sorted = ragged(y_slots, jnp.zeros((t * k, x.shape[1]), x.dtype),
+    y_sorted = ragged(y_slots, _varying_zeros((t * k, x.shape[1]), x.dtype),
                       (jnp.arange(ep, dtype=jnp.int32) * cap), recv.astype(jnp.int32), src_off,
                       send.astype(jnp.int32), axis_name=EXPERT_AXIS)
 
