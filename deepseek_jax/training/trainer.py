@@ -1,0 +1,327 @@
+"""The training loop behind `python -m experiments.train`.
+
+`train(config, workdir)`:
+  1. checks the experiment config, builds the ModelConfig and the mesh (problems raise UserError);
+  2. builds the datasets (`deepseek_jax.data.build_datasets`) and saves the tokenizer into workdir/tokenizer;
+  3. restores the newest readable checkpoint of workdir/checkpoints (train state + data iterator position),
+     else initializes (or loads `init_from`);
+  4. loops: next global batch (this process's rows, assembled into one sharded array) -> jitted train step ->
+     metrics every log_every steps -> held-out loss and bits per byte every eval_every steps -> checkpoint
+     every checkpoint_every steps;
+  5. stops at `steps`, on SIGTERM/SIGINT, or after max_bad_steps consecutive non-finite steps - always with
+     a checkpoint - and at the end of a finished run prints a few sampled lines of text.
+The same workdir resumes exactly: same batches, same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.training import mesh as mesh_lib
+from deepseek_jax.training.checkpoint import Checkpointer
+from deepseek_jax.training.config import model_config
+from deepseek_jax.training.errors import UserError
+from deepseek_jax.training.metrics import MetricsWriter
+from deepseek_jax.training.optimizer import make_optimizer, schedules_from_config
+from deepseek_jax.training.sample import sample_text
+from deepseek_jax.training.state import init_state
+from deepseek_jax.training.step import make_eval_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+  """Raised after max_bad_steps consecutive non-finite steps (a checkpoint was saved first)."""
+
+
+def _check_config(config) -> None:
+  for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+    v = config[name]
+    if not isinstance(v, int) or v < 1:
+      raise UserError(f"config.{name}={v!r} must be a positive integer")
+  for name in ("log_every", "checkpoint_every", "eval_every", "max_bad_steps"):
+    v = config[name]
+    if not isinstance(v, int) or v < 0:
+      raise UserError(f"config.{name}={v!r} must be a non-negative integer (0 = never)")
+  if config.optimizer.mu_dtype not in ("float32", "bfloat16"):
+    raise UserError(f"config.optimizer.mu_dtype={config.optimizer.mu_dtype!r}: expected 'float32' or "
+                    "'bfloat16'")
+
+
+def _signal_guard():
+  """Context manager installing SIGTERM / SIGINT handlers that set an event (main thread only)."""
+  stop = threading.Event()
+
+  @contextlib.contextmanager
+  def guard():
+    if threading.current_thread() is not threading.main_thread():
+      yield stop
+      return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      stop.set()
+
+    for s in old:
+      signal.signal(s, handler)
+    try:
+      yield stop
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
+
+  return guard()
+
+
+def load_init_variables(path: str, abstract_variables: dict) -> dict:
+  """Variables {'params', 'router'} of a converted checkpoint, checked against the model's shapes.
+
+  Uses `deepseek_jax.interop` when it offers an orbax loader (`load_orbax(path) -> (cfg, variables)`); else
+  reads an orbax PyTree checkpoint directory holding {'params', 'router'}.
+
+  Args:
+    path: the checkpoint directory.
+    abstract_variables: the model's variables as ShapeDtypeStructs (from `jax.eval_shape(model.init, ...)`).
+  Returns:
+    The variables, cast to the model's dtypes.
+  Raises:
+    UserError: missing directory, unreadable checkpoint, or a structure / shape mismatch.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from deepseek_jax import interop  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise UserError(f"--init_from={path}: no such directory")
+  loader = getattr(interop, "load_orbax", None)
+  try:
+    if loader is not None:
+      _, variables = loader(path)
+    else:
+      variables = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"--init_from={path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+  variables = {"params": variables.get("params"), "router": variables.get("router", {}) or {}}
+  if variables["params"] is None:
+    raise UserError(f"--init_from={path}: the checkpoint holds no 'params'")
+  want = jax.tree_util.tree_structure(abstract_variables)
+  got = jax.tree_util.tree_structure(variables)
+  if want != got:
+    raise UserError(f"--init_from={path}: the checkpoint's variables do not match the model config "
+                    f"(expected {want.num_leaves} arrays in the model's layout, got {got.num_leaves})")
+  out = []
+  for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract_variables)[0],
+                        jax.tree.leaves(variables)):
+    if tuple(a.shape) != tuple(np.shape(b)):
+      raise UserError(f"--init_from={path}: {jax.tree_util.keystr(kp)} has shape {np.shape(b)}, the model "
+                      f"expects {a.shape}")
+    out.append(jnp.asarray(b, a.dtype))
+  return jax.tree_util.tree_unflatten(want, out)
+
+
+def _global_batch(local: dict, sharding, global_rows: int) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+          for k, v in local.items()}
+
+
+def _scalars(metrics: dict) -> dict:
+  """Host copies of the step metrics, per-layer vectors summarized."""
+  m = jax.device_get(metrics)
+  out = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+  imb = np.asarray(m["imbalance"])
+  if imb.size:
+    out["imbalance"] = imb.tolist()
+    out["imbalance_max"] = float(imb.max())
+    out["imbalance_mean"] = float(imb.mean())
+  out["skipped"] = int(out["skipped"])
+  out["bad_streak"] = int(out["bad_streak"])
+  return out
+
+
+def evaluate(eval_step, state, tokens, seq_len: int, batch: int, max_batches: int, sharding) -> float:
+  """Mean next-token cross-entropy (nats) over the first `max_batches` global batches of a held-out stream.
+
+  Args:
+    eval_step: from `make_eval_step`.
+    state: the TrainState.
+    tokens: 1-D held-out stream.
+    seq_len: tokens per row.
+    batch: global rows per batch.
+    max_batches: batches to evaluate.
+    sharding: the batch sharding.
+  Returns:
+    The mean loss.
+  """
+  from deepseek_jax.data import sequential_batches  # pylint: disable=g-import-not-at-top
+  total = count = 0.0
+  for local in sequential_batches(tokens, seq_len, batch, jax.process_index(), jax.process_count(),
+                                  max_batches=max_batches):
+    s, n = eval_step(state, _global_batch(local, sharding, batch))
+    total += float(s)
+    count += float(n)
+  return total / max(count, 1.0)
+
+
+def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str, Any]:
+  """Runs (or resumes) one experiment.
+
+  Args:
+    config: experiment ConfigDict (`deepseek_jax.training.config.default_config` schema).
+    workdir: run directory (checkpoints/, metrics.jsonl, tensorboard/, tokenizer/, samples.txt).
+    init_from: directory of a converted checkpoint to start from (ignored when workdir has a checkpoint).
+  Returns:
+    Summary: {'step', 'first_loss', 'last_loss', 'eval_loss', 'eval_bpb', 'tokens_per_sec', 'wall_s',
+    'stopped' ('done' | 'signal'), 'samples'}.
+  Raises:
+    UserError: a problem with the config, the data or the devices.
+    TrainingDiverged: max_bad_steps consecutive non-finite steps.
+  """
+  from deepseek_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  t_start = time.time()
+  _check_config(config)
+  cfg = model_config(config)
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  dp = mesh_lib.data_parallel_size(mesh)
+  accum = int(config.grad_accum)
+  quantum = math.lcm(dp * accum, jax.process_count() * accum)
+  if config.batch_size % quantum:
+    raise UserError(f"config.batch_size={config.batch_size} does not split over the data axes: it must be a "
+                    f"multiple of data x fsdp = {dp} (times grad_accum = {accum}"
+                    f"{', and of the process count' if jax.process_count() > 1 else ''}) = {quantum}")
+  seq_len = int(config.seq_len)
+  if seq_len > cfg.max_position_embeddings:
+    raise UserError(f"config.seq_len={seq_len} exceeds model.max_position_embeddings="
+                    f"{cfg.max_position_embeddings}")
+  try:
+    ds = data_lib.build_datasets(config.data.path or "", config.data.tokenizer, seq_len=seq_len,
+                                 cache_dir=config.data.cache_dir or None, vocab_size=cfg.vocab_size)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f"data: {e}") from e
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    ds.tokenizer.save(os.path.join(workdir, "tokenizer"))
+
+  model = DeepSeekV3(cfg)
+  schedules = schedules_from_config(config)
+  o = config.optimizer
+
+  def tx_factory(params):
+    return make_optimizer(params, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                          clip_norm=o.clip_norm, mu_dtype=o.mu_dtype, decay_embeddings=o.decay_embeddings)
+
+  sharding_fn = mesh_lib.state_sharding(mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  rng = jax.random.PRNGKey(int(config.seed))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.max_to_keep) or None)
+  abstract, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
+                                             abstract_only=True)
+  restored = ckpt.restore_latest(abstract)
+  data_state = None
+  if restored is not None:
+    start_step, state, meta = restored
+    data_state = meta.get("data")
+    print(f"resumed from {ckpt.directory}/{start_step}", flush=True)
+  else:
+    variables = None
+    if init_from:
+      abstract_vars = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)), rng)
+      variables = load_init_variables(init_from, abstract_vars)
+    state, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
+                                            variables=variables)
+    start_step = 0
+
+  batches = data_lib.TokenBatches(ds.train, seq_len, int(config.batch_size), seed=int(config.seed),
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  state=data_state)
+  train_step = make_train_step(model, tx, schedules, alpha=float(config.balance.alpha), grad_accum=accum,
+                               state_sharding=state_shardings, batch_sharding=batch_sharding)
+  eval_step = make_eval_step(model, state_sharding=state_shardings, batch_sharding=batch_sharding)
+  eval_batch = int(config.batch_size) // accum
+  writer = MetricsWriter(workdir, enabled=is_main)
+
+  def save(step):
+    ckpt.save(step, state, {"data": batches.state(), "step": step})
+
+  steps = int(config.steps)
+  summary: dict[str, Any] = {"first_loss": None, "last_loss": None, "eval_loss": None, "eval_bpb": None}
+  progress = None
+  if is_main and config.progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm(total=steps, initial=start_step, dynamic_ncols=True, mininterval=1.0)
+  step = start_step
+  stopped = "done"
+  interval_tokens, interval_t0, measured_tokens, measured_time = 0, None, 0, 0.0
+  try:
+    with _signal_guard() as stop:
+      while step < steps:
+        bs = schedules.global_batch(step, quantum)
+        local = batches.next_batch(bs)
+        state, metrics = train_step(state, _global_batch(local, batch_sharding, bs))
+        step += 1
+        bad_streak = int(metrics["bad_streak"])  # one host sync per step: the guard must see every step
+        if interval_t0 is None:  # the first step compiles: time from its end
+          interval_t0, interval_tokens = time.time(), 0
+        else:
+          interval_tokens += bs * seq_len
+        if config.log_every and (step % config.log_every == 0 or step in (1, steps)):
+          rec = _scalars(metrics)
+          rec.pop("finite", None)
+          now = time.time()
+          if interval_tokens:
+            rec["tokens_per_sec"] = interval_tokens / max(now - interval_t0, 1e-9)
+            measured_tokens += interval_tokens
+            measured_time += now - interval_t0
+          interval_t0, interval_tokens = now, 0
+          rec["batch_size"] = bs
+          writer.write(step, rec)
+          summary["first_loss"] = rec["loss"] if summary["first_loss"] is None else summary["first_loss"]
+          summary["last_loss"] = rec["loss"]
+          if progress is not None:
+            progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec.get('tokens_per_sec', 0):.0f}")
+        if config.eval_every and (step % config.eval_every == 0 or step == steps):
+          t0 = time.time()
+          loss = evaluate(eval_step, state, ds.held_out, seq_len, eval_batch, int(config.eval_batches),
+                          batch_sharding)
+          bpb = data_lib.bits_per_byte(loss, ds.heldout_bytes_per_token)
+          writer.write(step, {"eval_loss": loss, "eval_bpb": bpb})
+          summary["eval_loss"], summary["eval_bpb"] = loss, bpb
+          if interval_t0 is not None:
+            interval_t0 += time.time() - t0  # evaluation time is not training throughput
+        if progress is not None:
+          progress.update(1)
+        if bad_streak and config.max_bad_steps and bad_streak >= config.max_bad_steps:
+          save(step)
+          ckpt.wait()
+          raise TrainingDiverged(f"{bad_streak} consecutive steps had a non-finite loss or gradient "
+                                 f"(step {step}); checkpoint saved in {ckpt.directory}/{step}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+          save(step)
+        if stop.is_set():
+          stopped = "signal"
+          break
+      save(step)
+      ckpt.wait()
+  finally:
+    if progress is not None:
+      progress.close()
+    ckpt.close()
+    writer.close()
+  samples = []
+  if stopped == "done" and int(config.sample.num) > 0 and is_main:
+    for i in range(int(config.sample.num)):
+      samples.append(sample_text(model, state.variables, ds.tokenizer, config.sample.prompt,
+                                 int(config.sample.length), temperature=float(config.sample.temperature),
+                                 seed=int(config.seed) + i))
+    with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
+      f.write("\n\n".join(samples) + "\n")
+  summary.update(step=step, stopped=stopped, samples=samples, wall_s=time.time() - t_start,
+                 tokens_per_sec=(measured_tokens / measured_time) if measured_time else None)
+  return summary

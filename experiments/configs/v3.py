@@ -1,0 +1,26 @@
+"""DeepSeek-V3 pre-training as the report describes it (section 4.2), for planning: shapes, memory and cost.
+
+671B parameters (37B active), 14.8T tokens at sequence 4096 and batch 15360 (ramped from 3072 over the first
+469B tokens), FP8 compute, bf16 AdamW moments. Not meant to run on one machine.
+"""
+
+from deepseek_jax.training.config import REPORT_STEPS, default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.preset = "deepseek-v3"
+  c.data.tokenizer = "bpe"
+  c.precision = "fp8"
+  c.seq_len = 4096
+  c.batch_size = 15360
+  c.steps = int(round(REPORT_STEPS))          # 14.8T / (15360 x 4096) = 235,245 (the ramp adds some)
+  c.batch_ramp.enabled = True
+  c.optimizer.lr = 2.2e-4
+  c.optimizer.mu_dtype = "bfloat16"
+  c.mesh.data = -1
+  c.mesh.expert = 64                          # 64-way expert parallelism over 8 nodes (section 3.1)
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.eval_every = 5000
+  return c

@@ -1,0 +1,84 @@
+"""The train command end to end (subprocesses): exact resume, SIGTERM, an unreadable checkpoint, user errors."""
+
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from deepseek_jax.training import read_metrics
+from training_utils import micro_flags, run_train
+
+N = 8
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("baseline")
+  r = run_train(wd, *micro_flags(steps=2 * N))
+  assert r.returncode == 0, r.stderr[-3000:]
+  losses = _losses(wd)
+  assert sorted(losses) == list(range(1, 2 * N + 1))
+  assert (wd / "tokenizer" / "tokenizer_config.json").is_file()
+  return losses
+
+
+def _assert_same(losses, baseline):
+  assert sorted(losses) == sorted(baseline)
+  diff = max(abs(losses[s] - baseline[s]) for s in baseline)
+  assert diff <= 1e-6, diff
+
+
+@pytest.mark.slow
+def test_stop_and_resume_reproduces_losses(baseline, tmp_path):
+  r = run_train(tmp_path, *micro_flags(steps=N))
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = run_train(tmp_path, *micro_flags(steps=2 * N))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout
+  _assert_same(_losses(tmp_path), baseline)
+
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_restart_reproduces_losses(baseline, tmp_path):
+  proc = run_train(tmp_path, *micro_flags(steps=2 * N, checkpoint_every=0), wait=False)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    if proc.poll() is not None:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped by signal" in out
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and 3 <= saved[-1] < 2 * N, saved  # checkpoint_every=0: only the signal saved one
+  r = run_train(tmp_path, *micro_flags(steps=2 * N, checkpoint_every=0))
+  assert r.returncode == 0, r.stderr[-3000:]
+  _assert_same(_losses(tmp_path), baseline)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.data.path=/nonexistent/corpus"], "corpus path /nonexistent/corpus does not exist"),
+    (["--config.mesh.data=3"], "mesh {'data': 3, 'fsdp': 1, 'expert': 1, 'tensor': 1} needs 3 devices"),
+    (["--config.batch_size=5", "--config.mesh.data=2"], "does not split over the data axes"),
+    (["--config.model.vocab_size=200"], "tokenizer vocab_size=259 exceeds the model's vocab_size=200"),
+    (["--config.model.hidden_size=-4"], "hidden_size=-4 must be a positive integer"),
+])
+def test_user_errors_exit_2(tmp_path, flags, message):
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  r = run_train(tmp_path, "--config.steps=2", "--config.sample.num=0", *flags, env=env, timeout=120)
+  assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+  lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
