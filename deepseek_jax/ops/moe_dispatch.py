@@ -10,6 +10,8 @@ All compute y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]) with expert(x) = (silu
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,8 @@ def blocked_layout(idx, num_experts: int, block: int):
 
   Returns:
     slot_token [P] token of each padded slot (0 for padding), slot_valid [P] bool, block_expert [P/block]
-    expert of each block, assignment_slot [T*K] the slot holding each flat (token, k) assignment.
+    expert of each block, assignment_slot [T*K] the slot holding each flat (token, k) assignment, and
+    slot_assignment [P] the flat assignment in each slot (0 for padding).
     P = ceil((T*K + E*(block-1)) / block) * block is static: no assignment is ever dropped.
   """
   t, k = idx.shape
@@ -72,7 +75,8 @@ def blocked_layout(idx, num_experts: int, block: int):
                                   side="right")
   block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
   assignment_slot = jnp.take(sorted_slot, inverse)
-  return slot_token, slot_valid, block_expert, assignment_slot
+  slot_assignment = jnp.zeros((p,), jnp.int32).at[sorted_slot].set(order)
+  return slot_token, slot_valid, block_expert, assignment_slot, slot_assignment
 
 
 def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None):
@@ -85,9 +89,9 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   e = w_gate.shape[0]
   t, k = idx.shape
   block = block or block_size_for(t * k, e)
-  slot_token, slot_valid, block_expert, assignment_slot = jax.lax.stop_gradient(
-      blocked_layout(idx, e, block))
-  xb = jnp.where(slot_valid[:, None], jnp.take(x, slot_token, axis=0), 0).reshape(-1, block, x.shape[1])
+  layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
+  slot_token, slot_valid, block_expert, assignment_slot, slot_assignment = layout
+  xb = _to_slots(x, slot_token, slot_valid, assignment_slot, k).reshape(-1, block, x.shape[1])
   # Per-block weights through a one-hot matmul rather than a gather: its transpose (the weight gradient
   # summed over each expert's blocks) is then a matmul too, not a scatter-add.
   onehot = jax.nn.one_hot(block_expert, e, dtype=x.dtype)                  # [N, E]
@@ -95,8 +99,49 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, per_block(w_gate)))
        * jnp.einsum("NBD,NDF->NBF", xb, per_block(w_up)))
   yb = jnp.einsum("NBF,NFD->NBD", h, per_block(w_down)).reshape(-1, x.shape[1])
-  y = jnp.take(yb, assignment_slot, axis=0).reshape(t, k, -1)
+  y = _from_slots(yb, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
+
+
+# Both directions of the slot permutation are gathers: the transpose of a gather by a (padded) permutation
+# is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _to_slots(x, slot_token, slot_valid, assignment_slot, k):
+  """x [T, D] -> [P, D]: row slot_token[p] in each valid slot, 0 in padding slots."""
+  return jnp.where(slot_valid[:, None], jnp.take(x, slot_token, axis=0), 0)
+
+
+def _to_slots_fwd(x, slot_token, slot_valid, assignment_slot, k):
+  return _to_slots(x, slot_token, slot_valid, assignment_slot, k), (slot_token, slot_valid,
+                                                                    assignment_slot)
+
+
+def _to_slots_bwd(k, res, g):
+  slot_token, slot_valid, assignment_slot = res
+  t = assignment_slot.shape[0] // k
+  dx = jnp.take(g, assignment_slot, axis=0).reshape(t, k, -1).sum(1)
+  return dx, None, None, None
+
+
+_to_slots.defvjp(_to_slots_fwd, _to_slots_bwd)
+
+
+@jax.custom_vjp
+def _from_slots(yb, assignment_slot, slot_assignment, slot_valid):
+  """yb [P, D] -> [T*K, D]: the slot of each flat assignment."""
+  return jnp.take(yb, assignment_slot, axis=0)
+
+
+def _from_slots_fwd(yb, assignment_slot, slot_assignment, slot_valid):
+  return _from_slots(yb, assignment_slot, slot_assignment, slot_valid), (slot_assignment, slot_valid)
+
+
+def _from_slots_bwd(res, g):
+  slot_assignment, slot_valid = res
+  return jnp.where(slot_valid[:, None], jnp.take(g, slot_assignment, axis=0), 0), None, None, None
+
+
+_from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
 
 
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
