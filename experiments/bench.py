@@ -13,12 +13,17 @@ from absl import app, flags
 SUITES = {
     "kernels": "experiments.benchmarks.kernels",
     "convert": "experiments.benchmarks.convert",
+    "train": "experiments.benchmarks.train",
+    "moe": "experiments.benchmarks.moe",
 }
 
 flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")
 flags.DEFINE_string("json", "", "Also write the result JSON to this path.")
 flags.DEFINE_bool("small", False, "Small shapes (the default on CPU).")
 flags.DEFINE_integer("runs", 0, "Timed runs per case (0: the suite's default).")
+flags.DEFINE_string("preset", "", "Model for the train suite: a preset name or 'bench-6.5m' (default).")
+flags.DEFINE_integer("batch", 0, "Global batch in sequences for the train suite (0: 8).")
+flags.DEFINE_integer("seq_len", 0, "Sequence length for the train suite (0: 256).")
 FLAGS = flags.FLAGS
 
 

@@ -1,0 +1,115 @@
+"""`--suite=train`: training-step tokens/s and MFU, ours and transformers' DeepseekV3 side by side.
+
+Both run the same config, batch and thread count in one process: ours is the library's train step
+(AdamW, clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW. MFU counts
+the model's matmul FLOPs (`analysis.train_flops_per_token`, full attention since both compute it masked)
+against the matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax import DeepSeekV3
+from deepseek_jax.analysis.flops import train_flops_per_token
+from deepseek_jax.training.optimizer import Schedules, make_optimizer
+from deepseek_jax.training.state import create_state
+from deepseek_jax.training.step import make_train_step
+from experiments.benchmarks.common import bench_config, machine, matmul_peak, time_fn
+
+
+def _ours(cfg, batch, seq_len, runs):
+  model = DeepSeekV3(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
+  data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  variables = model.init(jax.random.PRNGKey(0), data["inputs"])
+  tx = make_optimizer(variables["params"])
+  schedules = Schedules(steps=1000, lr=1e-3)
+  step = make_train_step(model, tx, schedules, alpha=1e-4, donate=False)
+  state = create_state(variables, tx, jax.random.PRNGKey(1))
+  t0 = time.perf_counter()
+  state1, _ = step(state, data)
+  jax.block_until_ready(state1)
+  compile_s = time.perf_counter() - t0
+  timing = time_fn(lambda s: step(s, data)[1]["loss"], state, runs=runs)
+  return timing, compile_s
+
+
+def _transformers(cfg, batch, seq_len, runs, threads):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  hf = cfg.to_hf()
+  hf.pop("architectures")
+  config = transformers.DeepseekV3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+  config._attn_implementation = "eager"  # pylint: disable=protected-access
+  try:
+    config._experts_implementation = "grouped_mm"  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    pass
+  model = transformers.DeepseekV3ForCausalLM(config).float().train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+  ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
+  inputs, labels = ids[:, :-1], ids[:, 1:]
+
+  def step():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+  step()
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  a = torch.randn(2048, 2048)
+  torch.mm(a, a)
+  t0 = time.perf_counter()
+  for _ in range(3):
+    torch.mm(a, a)
+  torch_peak = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": runs,
+          "experts_implementation": getattr(config, "_experts_implementation", None),
+          "torch_matmul_peak_flops": torch_peak, "transformers": transformers.__version__,
+          "torch": torch.__version__}
+
+
+def run(flags) -> dict:
+  """Runs the suite; see the module docstring."""
+  import os  # pylint: disable=g-import-not-at-top
+  preset = getattr(flags, "preset", "") or "bench-6.5m"
+  cfg = bench_config(preset)
+  batch = getattr(flags, "batch", 0) or 8
+  seq_len = getattr(flags, "seq_len", 0) or 256
+  runs = flags.runs or 5
+  threads = os.cpu_count()
+  tokens = batch * seq_len
+  flops_tok = train_flops_per_token(cfg, seq_len, causal=False)
+  train_flops = flops_tok.model if hasattr(flops_tok, "model") else float(flops_tok)
+  peak = matmul_peak()
+  ours, compile_s = _ours(cfg, batch, seq_len, runs)
+  result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
+            "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
+            "ours": dict(ours, tokens_per_s=tokens / ours["median_s"], compile_s=compile_s,
+                         mfu=train_flops * tokens / ours["median_s"] / peak,
+                         moe_impl=cfg.moe_impl, attention_impl=cfg.attention_impl)}
+  hf = _transformers(cfg, batch, seq_len, runs, threads) if jax.default_backend() == "cpu" else None
+  if hf is not None:
+    hf["tokens_per_s"] = tokens / hf["median_s"]
+    hf["mfu"] = train_flops * tokens / hf["median_s"] / peak
+    result["transformers"] = hf
+    result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / hf["tokens_per_s"]
+  return result
