@@ -23,7 +23,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear, dtype_of, normal_init
 from deepseek_jax.layers.mtp import MTPLayer
 from deepseek_jax.layers.norms import RMSNorm
-from deepseek_jax.layers.transformer import remat_block, zeros_like_cache
+from deepseek_jax.layers.transformer import ACT, remat_block, zeros_like_cache
 
 
 @flax.struct.dataclass
@@ -108,7 +108,7 @@ class DeepSeekV3(nn.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be int [batch, seq], got shape {tokens.shape}")
     positions = self._positions(tokens, positions, cache_start)
-    x = self.embed_tokens(tokens)
+    x = nn.with_logical_constraint(self.embed_tokens(tokens), ACT)
     stats, new_cache = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
@@ -123,8 +123,8 @@ class DeepSeekV3(nn.Module):
     """MTP depth k (1-based): h_prev [B,S,D] (h^{k-1}), next_tokens [B,S] = t_{i+k}.
 
     Returns (h^k [B,S,D], logits [B,S,V], router stats, updated cache)."""
-    h, h_normed, cache, stats = self.mtp[k - 1](h_prev, self.embed_tokens(next_tokens), positions, cache,
-                                                cache_start, absorbed)
+    emb = nn.with_logical_constraint(self.embed_tokens(next_tokens), ACT)
+    h, h_normed, cache, stats = self.mtp[k - 1](h_prev, emb, positions, cache, cache_start, absorbed)
     return h, self.head(h_normed), stats, cache
 
   def __call__(self, tokens, positions=None, *, cache=None, cache_start=None, absorbed: bool = False,
