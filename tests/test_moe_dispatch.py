@@ -52,3 +52,29 @@ def test_block_size_heuristic():
   assert moe_dispatch.block_size_for(8192, 16) == 128
   assert moe_dispatch.block_size_for(100, 16) == 8
   assert moe_dispatch.block_size_for(2048 * 8, 256) == 16
+
+
+def test_capacity_experts_drops_exactly_the_overflow():
+  t, k, e, d, f = 40, 2, 4, 8, 6
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  x = jax.random.normal(keys[0], (t, d))
+  idx = jnp.stack([jnp.zeros((t,), jnp.int32), 1 + jnp.arange(t) % 3], axis=1)   # expert 0 overloaded
+  w = jax.random.uniform(keys[1], (t, k))
+  wg, wu = (jax.random.normal(kk, (e, d, f)) for kk in keys[2:4])
+  wd = jax.random.normal(keys[4], (e, f, d))
+  cf = 1.0
+  cap = int(np.ceil(cf * t * k / e))
+  y, dropped = moe_dispatch.capacity_experts(x, idx, w, wg, wu, wd, capacity_factor=cf)
+  # Reference: count per expert in token order, zero the weights past capacity.
+  counts, keep = np.zeros(e, int), np.ones((t, k), bool)
+  for i in range(t):
+    for j in range(k):
+      ex = int(idx[i, j])
+      keep[i, j] = counts[ex] < cap
+      counts[ex] += 1
+  np.testing.assert_allclose(float(dropped), 1 - keep.mean(), rtol=1e-6)
+  ref = _numpy_moe(x, idx, np.asarray(w) * keep, wg, wu, wd)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+  y_big, dropped_big = moe_dispatch.capacity_experts(x, idx, w, wg, wu, wd, capacity_factor=e)
+  assert float(dropped_big) == 0.0
+  np.testing.assert_allclose(y_big, _numpy_moe(x, idx, w, wg, wu, wd), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ All compute y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]) with expert(x) = (silu
 - 'xla': sort the T*K (token, expert) assignments by expert, grouped matmuls with `jax.lax.ragged_dot`
   over the contiguous groups, unsort, weighted sum over K.
 - 'pallas': the same with the Pallas `kernels.grouped_matmul.gmm`.
+`capacity_experts` (fixed capacity per expert, drops the overflow) is there for comparison only.
 """
 
 from __future__ import annotations
@@ -103,6 +104,39 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
 
 
+def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: float):
+  """Experts with a fixed capacity C = ceil(capacity_factor * T * K / E) rows each (GShard-style).
+
+  Assignments beyond an expert's capacity (in token order) are dropped: their contribution is 0.  Opt-in,
+  for comparison with the dropless paths.
+
+  Returns:
+    (y [T, D], dropped_fraction scalar).
+  """
+  e = w_gate.shape[0]
+  t, k = idx.shape
+  cap = max(1, -(-int(capacity_factor * t * k) // e))
+  flat = idx.reshape(-1)
+  onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)                      # [T*K, E]
+  position = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=-1) - 1   # rank within the expert
+  kept = position < cap
+  slot = jnp.where(kept, flat * cap + position, e * cap)                 # e * cap: a discard slot
+  p = e * cap + 1
+  slot_assignment = jnp.zeros((p,), jnp.int32).at[slot].set(jnp.arange(t * k, dtype=jnp.int32))
+  slot_valid = jnp.zeros((p,), bool).at[slot].set(kept)
+  slot_token = slot_assignment // k
+  assignment_slot = slot
+  layout = jax.lax.stop_gradient((slot_token, slot_valid, assignment_slot, slot_assignment))
+  slot_token, slot_valid, assignment_slot, slot_assignment = layout
+  xs = _to_slots(x, slot_token, slot_valid, assignment_slot, k)[:e * cap].reshape(e, cap, -1)
+  h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", xs, w_gate)) * jnp.einsum("ECD,EDF->ECF", xs, w_up)
+  ys = jnp.einsum("ECF,EFD->ECD", h, w_down).reshape(e * cap, -1)
+  ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[1]), ys.dtype)], axis=0)
+  y = _from_slots(ys, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
+  out = jnp.einsum("TKD,TK->TD", y, (weights * kept.reshape(t, k)).astype(y.dtype))
+  return out, 1.0 - jnp.mean(kept.astype(jnp.float32))
+
+
 # Both directions of the slot permutation are gathers: the transpose of a gather by a (padded) permutation
 # is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -144,7 +178,7 @@ def _from_slots_bwd(res, g):
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
 
 
-def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto"):
+def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
   Args:
@@ -153,7 +187,12 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto")
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
     impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'blocked' | 'xla' | 'pallas'); 'auto' is 'pallas' on
       GPU and 'blocked' elsewhere.
+    precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
+      (`deepseek_jax.layers.fp8_experts`).
   """
+  if precision == "fp8":
+    from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
+    return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
   from deepseek_jax.ops import expert_parallel  # pylint: disable=g-import-not-at-top
   if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
     return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)

@@ -1,0 +1,100 @@
+"""`--suite=moe`: routed-expert dispatch strategies against a dense MLP of the same active FLOPs.
+
+For each (tokens T, experts E, top-k K) the suite times forward + backward of the routed experts
+(`ops.moe_dispatch`) with every strategy - dense (every expert on every token), blocked (the CPU default),
+sort + `jax.lax.ragged_dot`, sort + Pallas `gmm` (GPU, or small shapes in interpret mode), and a
+capacity-factor layout (drops overflow; for comparison) - next to a SwiGLU MLP of width K x F (the same
+active FLOPs).  Prints JSON with times and ratios and writes a bar plot next to `--json` (or to
+bench_moe.png).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.ops import moe_dispatch
+from experiments.benchmarks.common import machine, time_fn
+
+
+def _case(t, e, k, d, f, strategies, runs):
+  keys = jax.random.split(jax.random.PRNGKey(0), 8)
+  x = jax.random.normal(keys[0], (t, d))
+  router = jax.random.normal(keys[1], (d, e)) / d ** 0.5
+  wg = jax.random.normal(keys[2], (e, d, f)) / d ** 0.5
+  wu = jax.random.normal(keys[3], (e, d, f)) / d ** 0.5
+  wd = jax.random.normal(keys[4], (e, f, d)) / f ** 0.5
+  dense_w = [jax.random.normal(kk, s) / s[0] ** 0.5 for kk, s in
+             zip(keys[5:8], [(d, k * f), (d, k * f), (k * f, d)])]
+
+  def routed(fn):
+    def loss(x, wg, wu, wd):
+      scores = jax.nn.sigmoid(x @ router)
+      w, idx = jax.lax.top_k(scores, k)
+      return jnp.sum(fn(x, idx, w, wg, wu, wd) ** 2)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+  def mlp_loss(x, a, b, c):
+    return jnp.sum(((jax.nn.silu(x @ a) * (x @ b)) @ c) ** 2)
+
+  fns = {
+      "dense": lambda *a: moe_dispatch.dense_experts(*a),
+      "blocked": lambda *a: moe_dispatch.blocked_experts(*a),
+      "ragged_dot": lambda *a: moe_dispatch.sorted_experts(*a, impl="xla"),
+      "pallas_gmm": lambda *a: moe_dispatch.sorted_experts(*a, impl="pallas"),
+      "capacity_1.25": lambda *a: moe_dispatch.capacity_experts(*a, capacity_factor=1.25)[0],
+  }
+  base = time_fn(jax.jit(jax.value_and_grad(mlp_loss, argnums=(0, 1, 2, 3))), x, *dense_w, runs=runs)
+  row = {"tokens": t, "experts": e, "top_k": k, "d": d, "f": f,
+         "active_flops_fwd_bwd": 3 * 3 * 2 * t * d * k * f, "dense_mlp_s": base["median_s"]}
+  for name in strategies:
+    try:
+      r = time_fn(routed(fns[name]), x, wg, wu, wd, runs=runs)
+      row[name + "_s"] = r["median_s"]
+      row[name + "_vs_dense_mlp"] = r["median_s"] / base["median_s"]
+    except Exception as err:  # pylint: disable=broad-except
+      row[name + "_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+  return row
+
+
+def _plot(rows, strategies, path):
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  labels = [f"T{r['tokens']} E{r['experts']} K{r['top_k']}" for r in rows]
+  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+  width = 0.8 / len(strategies)
+  for i, name in enumerate(strategies):
+    vals = [r.get(name + "_vs_dense_mlp", float("nan")) for r in rows]
+    ax.bar([j + i * width for j in range(len(rows))], vals, width, label=name)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(1.5, color="r", lw=0.8, ls="--", label="1.5x target")
+  ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, rotation=30, ha="right")
+  ax.set_ylabel("time / dense MLP of equal active FLOPs")
+  ax.set_yscale("log")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def run(flags) -> dict:
+  """Runs the suite; see the module docstring."""
+  gpu = jax.default_backend() == "gpu"
+  small = flags.small or not gpu
+  runs = flags.runs or (3 if small else 10)
+  if gpu and not flags.small:
+    d, f, grid = 2048, 1024, list(itertools.product([4096, 16384], [64, 256], [4, 8]))
+    strategies = ["dense", "blocked", "ragged_dot", "pallas_gmm", "capacity_1.25"]
+  else:
+    d, f, grid = 256, 128, list(itertools.product([2048], [16, 64], [2, 4, 8]))
+    strategies = ["dense", "blocked", "ragged_dot", "capacity_1.25"]
+  rows = [_case(t, e, k, d, f, strategies, runs) for t, e, k in grid]
+  path = (os.path.splitext(flags.json)[0] + ".png") if flags.json else "bench_moe.png"
+  return {"suite": "moe", "machine": machine(), "rows": rows, "plot": _plot(rows, strategies, path)}
