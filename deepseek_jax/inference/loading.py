@@ -1,0 +1,159 @@
+"""Where generation gets a model from: a training workdir, an HF checkpoint, or a preset's random init.
+
+- Training workdir (`python -m experiments.train --workdir=DIR`): orbax checkpoints under DIR/checkpoints
+  (one step per subdirectory, items 'state' = the TrainState and 'meta'), the tokenizer in DIR/tokenizer.
+  The checkpoint does not record the ModelConfig, so it comes from the experiment config the run was
+  trained with, or from an HF-style DIR/config.json when one is there.  Only the model variables
+  ({'params', 'router'}) are kept from the train state; they are checked against the model's own shapes.
+- HF checkpoint: `deepseek_jax.interop.hf.load`.
+- A preset with random weights (demos and benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import DeepSeekV3
+
+
+def init_variables(cfg: ModelConfig, seed: int = 0) -> dict:
+  """Random variables of DeepSeekV3(cfg) (jitted init)."""
+  model = DeepSeekV3(cfg)
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))
+
+
+def _check_like(where: str, abstract, variables) -> dict:
+  """variables cast to abstract's dtypes, after checking its structure and every shape."""
+  want = jax.tree_util.tree_structure(abstract)
+  got = jax.tree_util.tree_structure(variables)
+  if want != got:
+    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    need = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    missing, extra = sorted(need - have)[:3], sorted(have - need)[:3]
+    raise ValueError(f"{where}: the checkpoint's variables do not match the model config "
+                     f"({got.num_leaves} arrays, the model has {want.num_leaves}; missing e.g. {missing}, "
+                     f"unexpected e.g. {extra})")
+  leaves = []
+  for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(variables)):
+    if tuple(a.shape) != tuple(np.shape(b)):
+      raise ValueError(f"{where}: {jax.tree_util.keystr(kp)} has shape {tuple(np.shape(b))}, the model "
+                       f"expects {tuple(a.shape)}")
+    leaves.append(jnp.asarray(b, a.dtype))
+  return jax.tree_util.tree_unflatten(want, leaves)
+
+
+def workdir_config(workdir: str) -> Optional[ModelConfig]:
+  """The ModelConfig stored in workdir/config.json (HF layout), or None when there is none."""
+  path = os.path.join(workdir, "config.json")
+  return ModelConfig.from_hf(path) if os.path.isfile(path) else None
+
+
+def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optional[int] = None):
+  """Variables of the newest (or a given) checkpoint of a training workdir.
+
+  Args:
+    workdir: the run directory given to `experiments.train`.
+    cfg: the model config of the run (e.g. `deepseek_jax.training.model_config(experiment_config)`);
+      None: read workdir/config.json.
+    step: a saved step (default: the newest).
+  Returns:
+    (cfg, variables {'params', 'router'}, step).
+  Raises:
+    FileNotFoundError: no workdir, no checkpoints, no such step.
+    ValueError: no model config, or variables that do not fit it.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist")
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory}: no checkpoints directory in the workdir")
+  if cfg is None:
+    cfg = workdir_config(workdir)
+    if cfg is None:
+      raise ValueError(f"workdir {workdir} records no model config (no config.json): pass the experiment "
+                       "config the run was trained with")
+  manager = ocp.CheckpointManager(directory)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no saved checkpoint")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"{directory}: no checkpoint for step {step} (saved: {steps})")
+  # No target: the train state comes back as saved (nested dicts of arrays); only the variables are kept.
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  state = restored["state"]
+  if not isinstance(state, dict) or "params" not in state:
+    raise ValueError(f"{directory}/{step}: the saved state holds no 'params'")
+  variables = {"params": state["params"], "router": state.get("router") or {}}
+  abstract = jax.eval_shape(DeepSeekV3(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  abstract = {"params": abstract["params"], "router": abstract.get("router", {})}
+  return cfg, _check_like(f"{directory}/{step}", abstract, variables), step
+
+
+def load_workdir_tokenizer(workdir: str):
+  """The tokenizer a training run saved (workdir/tokenizer), via `deepseek_jax.data.load_tokenizer`."""
+  from deepseek_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "tokenizer")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: the workdir holds no saved tokenizer; pass one explicitly")
+  return load_tokenizer(path)
+
+
+def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None,
+                        hf_dir: Optional[str] = None, orbax_dir: Optional[str] = None,
+                        preset: Optional[str] = None, tokenizer: Optional[str] = None, seed: int = 0):
+  """(model, variables, tokenizer or None) from exactly one source.
+
+  Args:
+    workdir: a training run directory (newest checkpoint; its tokenizer unless `tokenizer` is given).
+    experiment_config: with workdir, the experiment ConfigDict of the run (gives the ModelConfig).
+    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); its tokenizer.json if present.
+    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`).
+    preset: a ModelConfig preset with random weights (seeded by `seed`); with the byte tokenizer (the
+      training default) when its vocabulary fits.
+    tokenizer: a tokenizer path for `deepseek_jax.data.load_tokenizer` (overrides the source's own).
+    seed: init seed for `preset`.
+  Returns:
+    (DeepSeekV3 model, variables, tokenizer or None when no source provides one).
+  Raises:
+    ValueError: no source or several; FileNotFoundError: missing files.
+  """
+  from deepseek_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+  sources = {"workdir": workdir, "hf_dir": hf_dir, "orbax_dir": orbax_dir, "preset (random init)": preset}
+  given = [k for k, v in sources.items() if v]
+  if len(given) != 1:
+    raise ValueError(f"give exactly one model source of {list(sources)}; got {given or 'none'}")
+  tok = None
+  if workdir:
+    cfg = None
+    if experiment_config is not None:
+      from deepseek_jax.training import model_config  # pylint: disable=g-import-not-at-top
+      cfg = model_config(experiment_config)
+    cfg, variables, _ = load_workdir(workdir, cfg)
+    if tokenizer is None and os.path.exists(os.path.join(workdir, "tokenizer")):
+      tok = load_workdir_tokenizer(workdir)
+  elif hf_dir:
+    from deepseek_jax.interop import hf  # pylint: disable=g-import-not-at-top
+    cfg, variables = hf.load(hf_dir)
+    if tokenizer is None and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+      tok = load_tokenizer(hf_dir)
+  elif orbax_dir:
+    from deepseek_jax.interop import orbax_io  # pylint: disable=g-import-not-at-top
+    cfg, variables = orbax_io.load_variables(orbax_dir)
+  else:
+    cfg = ModelConfig.preset(preset)
+    variables = init_variables(cfg, seed)
+    from deepseek_jax.data import ByteTokenizer  # pylint: disable=g-import-not-at-top
+    if ByteTokenizer().vocab_size <= cfg.vocab_size:   # the training default; text in, text out
+      tok = ByteTokenizer()
+  if tokenizer is not None:
+    tok = load_tokenizer(tokenizer)
+  return DeepSeekV3(cfg), variables, tok
