@@ -1,14 +1,12 @@
 """deepseek-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP, YaRN, FP8) in JAX/Flax with Pallas kernels."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="deepseek-jax",
     version="0.1.0",
     description="DeepSeek-V3 in pure-functional JAX/Flax with Pallas kernels for MLA and expert dispatch",
-    packages=["deepseek_jax", "deepseek_jax.layers", "deepseek_jax.ops", "deepseek_jax.training",
-              "deepseek_jax.data", "deepseek_jax.inference", "deepseek_jax.interop",
-              "deepseek_jax.analysis", "kernels"],
+    packages=find_packages(include=["deepseek_jax", "deepseek_jax.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.12",
