@@ -34,7 +34,10 @@ LATENT_NORM_EPS = 1e-6
 
 
 def write_cache(cache: dict, c_kv, k_pe, start):
-  """Writes S new latents per row at slots start[b] .. start[b] + S - 1 of the cache."""
+  """Writes S new latents per row at slots start[b] .. start[b] + S - 1 of the cache.
+
+  Callers keep start[b] + S <= T: `dynamic_update_slice` clamps a write that would run past the end.
+  """
   def put(buf, new, s):
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (s, 0))
   return {"c_kv": jax.vmap(put)(cache["c_kv"], c_kv, start),
