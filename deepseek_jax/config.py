@@ -21,8 +21,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp8")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields of ModelConfig that are implementation choices, not part of an HF config.json.
-NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "attention_impl", "moe_impl",
-                           "remat_policy"})
+NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
+                           "attention_impl", "moe_impl", "remat_policy"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +127,11 @@ class ModelConfig:
   dtype: str = "float32"                  # compute dtype of activations and matmuls
   param_dtype: str = "float32"            # storage dtype of parameters
   precision: str = "fp32"                 # matmul recipe: fp32 | bf16 | fp8 (blockwise-scaled E4M3)
+  fp8_weights: bool = False               # store the linear and routed-expert weights of the released FP8 set
+                                          # as float8_e4m3fn + float32 `*_scale_inv` per block (inference);
+                                          # the forward dequantizes them, or with precision='fp8' runs the
+                                          # FP8 GEMM on the stored codes (deepseek_jax.layers.fp8_weights)
+  fp8_weight_block: int = 128             # square block of those scales (the release: 128 x 128)
 
   # --- implementation choices (never change the math) ---
   attention_impl: str = "auto"            # auto (xla on CPU, pallas on GPU) | xla | pallas
@@ -193,6 +198,14 @@ class ModelConfig:
     if self.first_k_dense_replace > self.num_hidden_layers:
       raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} exceeds "
                        f"num_hidden_layers={self.num_hidden_layers}")
+    if not isinstance(self.fp8_weights, bool):
+      raise ValueError(f"fp8_weights={self.fp8_weights!r} must be a bool")
+    if (not isinstance(self.fp8_weight_block, int) or isinstance(self.fp8_weight_block, bool)
+        or self.fp8_weight_block <= 0):
+      raise ValueError(f"fp8_weight_block={self.fp8_weight_block!r} must be a positive integer")
+    if self.fp8_weights and self.precision == "fp8" and self.fp8_weight_block % 128:
+      raise ValueError(f"fp8_weight_block={self.fp8_weight_block} must be a multiple of 128 (the activation "
+                       "tile) for precision='fp8' with fp8_weights=True")
     for name, allowed in [("dtype", DTYPES), ("param_dtype", DTYPES), ("precision", PRECISIONS),
                           ("attention_impl", IMPLS), ("moe_impl", MOE_IMPLS),
                           ("remat_policy", REMAT_POLICIES)]:

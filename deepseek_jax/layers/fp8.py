@@ -323,9 +323,14 @@ def _tile_quant_padded(a, tile):
 
 def _fwd_gemm(x, w, tile, block, simulate, chunks_per_step):
   """y = x @ w with x per 1 x tile along K and w per block, fp32 [M, N]."""
-  k, n = w.shape
-  xq, sx = _tile_quant_padded(x, tile)                               # [M, Ck*tile], [M, Ck]
   wq, sw = quantize_weight(w, block)                                 # [K, N], [nBK, nBN]
+  return _fwd_gemm_codes(x, wq, sw, tile, block, simulate, chunks_per_step)
+
+
+def _fwd_gemm_codes(x, wq, sw, tile, block, simulate, chunks_per_step):
+  """y = x @ (wq * sw per block) with x quantized per 1 x tile along K, fp32 [M, N]."""
+  n = wq.shape[1]
+  xq, sx = _tile_quant_padded(x, tile)                               # [M, Ck*tile], [M, Ck]
   ck = sx.shape[1]
   wq = _pad_axis(jnp, wq, 0, tile)
   sb = _expand_cols(_chunk_scales(sw, block[0], tile, ck), block[1], n)   # [Ck, N]
@@ -427,8 +432,122 @@ def fp8_matmul(x, w, *, tile: int = 128, block: Tuple[int, int] = (128, 128), ou
   return y.reshape(lead + (w.shape[1],))
 
 
+def fp8_matmul_quantized(x, w_fp8, scale_inv, *, tile: int = 128, block: Tuple[int, int] = (128, 128),
+                         out_dtype=None, simulate: Optional[bool] = None,
+                         chunks_per_step: Optional[int] = None):
+  """x @ W for a weight already stored as E4M3 codes + per-block scales (FP8 inference, forward only).
+
+  The forward of `fp8_matmul` with the stored codes as the weight operand (no requantization): x is
+  quantized per 1 x `tile` tile along K, each chunk's FP8 product is promoted to fp32 and scaled.  On FP8
+  tensor cores (`native_fp8_available`) the chunk dots run on float8_e4m3fn operands; elsewhere they are
+  simulated exactly in fp32.
+
+  Args:
+    x: float [..., K].
+    w_fp8: float8_e4m3fn [K, N].
+    scale_inv: float32 [ceil(K / bK), ceil(N / bN)], W = w_fp8 * scale_inv per block.
+    tile: activation tile and contraction chunk length.
+    block: (bK, bN) of `scale_inv`; multiples of `tile`.
+    out_dtype: result dtype; None means x.dtype.
+    simulate: as in `fp8_matmul`.
+    chunks_per_step: as in `fp8_matmul`.
+
+  Returns:
+    [..., N] array of `out_dtype`.
+  """
+  block = _check_block(block)
+  _check_fp8("w_fp8", w_fp8)
+  if w_fp8.ndim != 2 or x.ndim < 1 or x.shape[-1] != w_fp8.shape[0]:
+    raise ValueError(f"fp8_matmul_quantized: x {tuple(x.shape)} and w_fp8 {tuple(w_fp8.shape)} must be "
+                     "[..., K] and [K, N]")
+  want = _block_shape(w_fp8.shape, block)
+  if tuple(scale_inv.shape) != want:
+    raise ValueError(f"fp8_matmul_quantized: scale_inv has shape {tuple(scale_inv.shape)}, expected {want} "
+                     f"for w_fp8 {tuple(w_fp8.shape)} with block={block}")
+  if tile <= 0 or block[0] % tile or block[1] % tile:
+    raise ValueError(f"fp8_matmul_quantized: block={block} must be multiples of tile={tile}")
+  if simulate is None:
+    simulate = not native_fp8_available()
+  out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+  lead = x.shape[:-1]
+  x2 = x.reshape(math.prod(lead), x.shape[-1])
+  y = _fwd_gemm_codes(x2, w_fp8, scale_inv.astype(jnp.float32), int(tile), block, bool(simulate),
+                      chunks_per_step)
+  return y.astype(out_dtype).reshape(lead + (w_fp8.shape[1],))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Quantize-dequantize ("fake quantization") for GEMMs computed outside `fp8_matmul` (the routed experts)
+# ------------------------------------------------------------------------------------------------------
+
+def _qdq_act(x, tile):
+  q, s = quantize_act(x, tile)
+  return dequantize_act(q, s, tile, dtype=x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fake_quant_act(x, tile: int = 128):
+  """x rounded to E4M3 per 1 x `tile` tile along the last axis (forward); the cotangent passes unchanged.
+
+  Placed on a GEMM's activation operand, the forward sees exactly the values `fp8_matmul` multiplies.
+
+  Args:
+    x: float [..., K].
+    tile: tile length along the last axis.
+
+  Returns:
+    [..., K] of x's dtype: dequantize(quantize(x)).
+  """
+  return _qdq_act(x, tile)
+
+
+fake_quant_act.defvjp(lambda x, tile: (_qdq_act(x, tile), None), lambda tile, _, g: (g,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fake_quant_grad(y, tile: int = 128):
+  """The identity forward; the cotangent is rounded to E4M3 per 1 x `tile` tile along the last axis.
+
+  Placed on a GEMM's output, the dgrad GEMM sees the cotangent quantized as in `fp8_matmul`'s backward.
+
+  Args:
+    y: float [..., N].
+    tile: tile length along the last axis.
+
+  Returns:
+    y unchanged.
+  """
+  return y
+
+
+fake_quant_grad.defvjp(lambda y, tile: (y, None), lambda tile, _, g: (_qdq_act(g, tile),))
+
+
+def _qdq_blocks(w, block):
+  q, s = quantize_blockwise(w, block)
+  return dequantize_blockwise(q, s, block, dtype=w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fake_quant_blockwise(w, block: Tuple[int, int] = (128, 128)):
+  """w rounded to E4M3 per `block` of its last two axes (forward); the cotangent passes unchanged.
+
+  Args:
+    w: float [..., K, N] (e.g. a stack of expert weights [E, K, N]: one set of blocks per expert).
+    block: (bK, bN).
+
+  Returns:
+    [..., K, N] of w's dtype: dequantize_blockwise(quantize_blockwise(w)).
+  """
+  return _qdq_blocks(w, block)
+
+
+fake_quant_blockwise.defvjp(lambda w, block: (_qdq_blocks(w, block), None), lambda block, _, g: (g,))
+
+
 __all__ = [
     "E4M3", "E4M3_MAX", "E4M3_MIN_NORMAL", "E4M3_EPS",
     "quantize_act", "dequantize_act", "quantize_weight", "dequantize_weight",
     "quantize_blockwise", "dequantize_blockwise", "native_fp8_available", "fp8_matmul",
+    "fp8_matmul_quantized", "fake_quant_act", "fake_quant_grad", "fake_quant_blockwise",
 ]

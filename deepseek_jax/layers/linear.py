@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import fp8, fp8_weights
 
 
 def dtype_of(name: str):
@@ -38,7 +39,9 @@ class Linear(nn.Module):
 
   With `cfg.precision == 'fp8'` and `fp8=True` the product goes through the blockwise-scaled E4M3 GEMM of
   `deepseek_jax.layers.fp8` (report section 3.3); layers the report keeps in higher precision pass
-  `fp8=False`.
+  `fp8=False`.  With `cfg.fp8_weights`, the layers the released FP8 checkpoints quantize (by name,
+  `fp8_weights.FP8_LINEAR_NAMES`) store `kernel` as E4M3 codes plus `kernel_scale_inv` per block
+  (`deepseek_jax.layers.fp8_weights`).
   """
   cfg: ModelConfig
   in_shape: tuple
@@ -49,22 +52,38 @@ class Linear(nn.Module):
 
   def setup(self):
     std = self.cfg.initializer_range if self.std is None else self.std
-    self.w = param(self, "kernel", normal_init(std), tuple(self.in_shape) + tuple(self.out_shape),
-                   self.axes, dtype_of(self.cfg.param_dtype))
+    shape = tuple(self.in_shape) + tuple(self.out_shape)
+    self.fp8_stored = fp8_weights.stores_fp8(self.cfg, self.name, self.fp8)
+    if self.fp8_stored:
+      self.w, self.w_scale = fp8_weights.fp8_param(self, "kernel", shape, self.axes, n_lead=0,
+                                                   n_in=len(self.in_shape), std=std,
+                                                   block=self.cfg.fp8_weight_block)
+    else:
+      self.w = param(self, "kernel", normal_init(std), shape, self.axes, dtype_of(self.cfg.param_dtype))
 
   def kernel(self):
-    """The kernel in its storage dtype ([in..., out...])."""
+    """The kernel ([in..., out...]) in its storage dtype; E4M3-stored kernels dequantized to float32."""
+    if self.fp8_stored:
+      return fp8_weights.dequantize(self.w, self.w_scale, n_lead=0, n_in=len(self.in_shape),
+                                    block=self.cfg.fp8_weight_block)
     return self.w
 
   def __call__(self, x):
-    w = self.kernel()
     dtype = dtype_of(self.cfg.dtype)
     n_in = len(self.in_shape)
     if x.shape[x.ndim - n_in:] != tuple(self.in_shape):
       raise ValueError(f"{self.name}: input trailing shape {x.shape[x.ndim - n_in:]} != "
                        f"{tuple(self.in_shape)}")
+    if self.fp8_stored and self.fp8 and self.cfg.precision == "fp8":
+      # The stored codes are the GEMM's weight operand as they are: no dequantize / requantize.
+      lead = x.shape[:x.ndim - n_in]
+      k = math.prod(self.in_shape)
+      b = self.cfg.fp8_weight_block
+      y = fp8.fp8_matmul_quantized(x.reshape(-1, k).astype(dtype), self.w.reshape(k, -1), self.w_scale,
+                                   block=(b, b), out_dtype=dtype)
+      return y.reshape(lead + tuple(self.out_shape))
+    w = self.kernel()
     if self.fp8 and self.cfg.precision == "fp8":
-      from deepseek_jax.layers import fp8  # pylint: disable=g-import-not-at-top
       lead = x.shape[:x.ndim - n_in]
       k = math.prod(self.in_shape)
       y = fp8.fp8_matmul(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype),

@@ -111,16 +111,16 @@ class MLA(nn.Module):
       c_kv, k_pe = cache["c_kv"].astype(dtype), cache["k_pe"].astype(dtype)
       s = x.shape[1]
       q_slots = cache_start[:, None].astype(jnp.int32) + jnp.arange(s, dtype=jnp.int32)[None]
-    w_kv_b = self.kv_b_proj.kernel().astype(dtype)          # [Dc, H, Dn + Dv]
-    w_uk, w_uv = w_kv_b[..., :cfg.qk_nope_head_dim], w_kv_b[..., cfg.qk_nope_head_dim:]
     if absorbed:
+      w_kv_b = self.kv_b_proj.kernel().astype(dtype)        # [Dc, H, Dn + Dv]
+      w_uk, w_uv = w_kv_b[..., :cfg.qk_nope_head_dim], w_kv_b[..., cfg.qk_nope_head_dim:]
       q_c = jnp.einsum("BSHN,CHN->BSHC", q_nope, w_uk)
       o_c = absorbed_attention(q_c, q_pe, c_kv, k_pe, scale=cfg.softmax_scale, q_slots=q_slots,
                                impl=cfg.attention_impl)
       o = jnp.einsum("BSHC,CHV->BSHV", o_c, w_uv)
     else:
-      k_nope = jnp.einsum("BTC,CHN->BTHN", c_kv, w_uk)
-      v = jnp.einsum("BTC,CHV->BTHV", c_kv, w_uv)
+      kv = self.kv_b_proj(c_kv)                             # [B, T, H, Dn + Dv] (an FP8 GEMM under fp8)
+      k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
       q_nope = nn.with_logical_constraint(q_nope, ("activation_batch", "activation_length",
                                                    "activation_heads", None))
       o = mla_attention(q_nope, q_pe, k_nope, k_pe, v, scale=cfg.softmax_scale, q_slots=q_slots,

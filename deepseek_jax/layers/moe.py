@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import fp8_weights
 from deepseek_jax.layers.linear import dtype_of, normal_init, param
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.router import Router
@@ -28,10 +29,14 @@ class RoutedExperts(nn.Module):
     dtype = dtype_of(cfg.dtype)
     init = normal_init(cfg.initializer_range)
     pd = dtype_of(cfg.param_dtype)
-    w_gate = param(self, "gate_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
-    w_up = param(self, "up_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
-    w_down = param(self, "down_proj", init, (e, f, d), ("expert", "moe_mlp", "embed"), pd).astype(dtype)
-    return routed_experts(x.astype(dtype), idx, weights, w_gate, w_up, w_down, impl=cfg.moe_impl)
+    if cfg.fp8_weights:  # E4M3 codes + per-block scales, dequantized here
+      w_gate, w_up, w_down = fp8_weights.expert_kernels(self, cfg)
+    else:
+      w_gate = param(self, "gate_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
+      w_up = param(self, "up_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
+      w_down = param(self, "down_proj", init, (e, f, d), ("expert", "moe_mlp", "embed"), pd).astype(dtype)
+    return routed_experts(x.astype(dtype), idx, weights, w_gate, w_up, w_down, impl=cfg.moe_impl,
+                          precision=cfg.precision)
 
 
 class MoE(nn.Module):
