@@ -10,6 +10,7 @@ physical mesh axes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -20,11 +21,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# The data-parallel axes: a batch's rows split over all three (expert-parallel devices see different tokens).
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: tuple = (
     # activations
-    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -57,38 +60,54 @@ def mesh_shape(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
                num_devices: int | None = None) -> dict:
   """Resolves the sizes of the four mesh axes; one of them may be -1 (all remaining devices).
 
+  Args:
+    data, fsdp, expert, tensor: axis sizes (positive, or -1 for one of them).
+    num_devices: devices to cover (default: `jax.device_count()`).
+  Returns:
+    {'data', 'fsdp', 'expert', 'tensor'} -> size, the product being the device count.
   Raises:
     MeshError naming the sizes when their product does not equal the device count.
   """
   n = jax.device_count() if num_devices is None else num_devices
   sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+  for k, v in sizes.items():
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v == 0 or v < -1:
+      raise MeshError(f"mesh.{k}={v!r} must be a positive integer or -1")
+  sizes = {k: int(v) for k, v in sizes.items()}
   free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
     raise MeshError(f"mesh: only one axis may be -1, got {sizes}")
-  for k, v in sizes.items():
-    if v == 0 or v < -1:
-      raise MeshError(f"mesh.{k}={v} must be positive or -1")
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
     if n % fixed:
-      raise MeshError(f"mesh {sizes} does not fit {n} devices: {n} is not divisible by {fixed}")
+      raise MeshError(f"mesh {sizes} does not fit {n} devices: {n} is not divisible by the fixed axes' "
+                      f"{fixed}")
     sizes[free[0]] = n // fixed
-  if math.prod(sizes.values()) != n:
-    raise MeshError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n} are available")
+  elif fixed != n:
+    raise MeshError(f"mesh {sizes} needs {fixed} devices but {n} are available")
   return sizes
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """A `Mesh` over (data, fsdp, expert, tensor) with Auto axis types."""
+  """A `Mesh` over (data, fsdp, expert, tensor) with Auto axis types.
+
+  `jax.make_mesh` orders the devices for the hardware's topology and keeps each process's devices
+  contiguous, so that a process holds one block of rows of a batch split over the leading axes (what
+  `deepseek_jax.distributed.global_batch_from_local` relies on).
+
+  Args:
+    data, fsdp, expert, tensor: axis sizes; one may be -1 (the remaining devices).
+    devices: the devices to use (default: all devices of all processes).
+  Returns:
+    jax.sharding.Mesh with axis names MESH_AXES.
+  Raises:
+    MeshError: sizes that do not match the device count.
+  """
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(data, fsdp, expert, tensor, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-    arr = mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # pylint: disable=broad-except
-    arr = np.asarray(devices).reshape(shape)
-  return Mesh(arr, MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def boxed_abstract_variables(model: nn.Module, *init_args):
@@ -120,15 +139,33 @@ def _drop_trivial(v, mesh):
 
 
 def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
-  """Replicates the dims of `spec` whose size does not divide by their mesh axes (e.g. 3 heads on 2)."""
+  """`spec` with mesh axes removed from the dims they do not divide (e.g. 3 heads on 2 devices).
+
+  A dim split over several mesh axes keeps, in order, each axis that still divides it together with the
+  ones kept before (a batch of 4 over data=2 x fsdp=2 x expert=2 stays split over data x fsdp) instead of
+  being replicated whole; a mesh axis the mesh lacks, or of size 1, is dropped.
+
+  Args:
+    spec: a PartitionSpec of mesh axes (entries: None, an axis name or a tuple of them).
+    shape: the array's shape.
+    mesh: the mesh (anything with a `.shape` mapping axis -> size).
+  Returns:
+    A PartitionSpec of len(shape) entries that evenly divides `shape`.
+  """
+  sizes = dict(mesh.shape)
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  if len(entries) > len(shape):
+    raise ValueError(f"PartitionSpec {spec} has more entries than the shape {tuple(shape)} has dims")
   out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axes is None:
-      out.append(None)
-      continue
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    size = math.prod(mesh.shape[a] for a in names)
-    out.append(axes if dim % size == 0 else None)
+  for dim, axes in zip(shape, entries):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept, size = [], 1
+    for a in names:
+      n = sizes.get(a, 1)
+      if n > 1 and dim % (size * n) == 0:
+        kept.append(a)
+        size *= n
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return PartitionSpec(*out)
 
 
@@ -153,6 +190,24 @@ def rules_context(rules: Sequence = LOGICAL_RULES, mesh: Mesh | None = None):
   if mesh is not None:
     rules = tuple((k, _drop_trivial(v, mesh)) for k, v in rules)
   return nn.logical_axis_rules(rules)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence = LOGICAL_RULES):
+  """`jax.set_mesh(mesh)` together with `rules_context(rules, mesh)`: where to trace a model on `mesh`.
+
+  The ambient mesh makes the MoE layers take the expert-parallel path (`ops.expert_parallel` reads
+  `jax.sharding.get_abstract_mesh()`); the rules make the model's `nn.with_logical_constraint` calls
+  effective.  Without either the computation is still correct, only not expert-parallel.
+
+  Args:
+    mesh: the device mesh.
+    rules: logical-axis rules.
+  Yields:
+    the mesh.
+  """
+  with jax.set_mesh(mesh), rules_context(rules, mesh):
+    yield mesh
 
 
 def init_sharded(model: nn.Module, mesh: Mesh, rng, tokens, rules: Sequence = LOGICAL_RULES):

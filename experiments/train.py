@@ -4,6 +4,12 @@ r"""Trains a DeepSeek-V3-style model.
 
 Restarting with the same --workdir resumes from its newest checkpoint. Mistakes in the config, the data or the
 mesh end with a one-line message and exit status 2.
+
+Sharded over a mesh (`--config.mesh.data/fsdp/expert/tensor`, -1 = the remaining devices) and over several
+processes: start one per host (or per GPU) with the same flags plus
+  --distributed                          (SLURM / Open MPI detected), or
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+and the same --workdir on a shared filesystem (checkpoints are written by all processes).
 """
 
 import sys
@@ -18,17 +24,27 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, tokenizer)")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "start from this converted checkpoint directory")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() first (multi-host runs)")
+                                 "multi-host run: start jax.distributed, detecting the cluster (SLURM, Open MPI, "
+                                 "env COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID)")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (multi-host runs; default: detected "
+    "from SLURM / Open MPI / env COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (default: detected)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "rank of this process (default: detected)")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  import jax  # pylint: disable=g-import-not-at-top
+  from deepseek_jax import distributed  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None:
+    try:  # before anything touches a device
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   from deepseek_jax.training import TrainingDiverged, UserError, train  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
   try:
     summary = train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
   except UserError as e:
@@ -37,7 +53,7 @@ def main(argv):
   except TrainingDiverged as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(1)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     parts = [f"step {summary['step']}"]
     for key, fmt in (("first_loss", "first loss {:.4f}"), ("last_loss", "last loss {:.4f}"),
                      ("eval_loss", "held-out loss {:.4f}"), ("eval_bpb", "held-out bits/byte {:.4f}"),

@@ -38,7 +38,8 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop import hf_names, safetensors_io
 from deepseek_jax.interop.hf_names import Entry
 from deepseek_jax.interop.placement import abstract_variables, variable_shardings
-from deepseek_jax.layers.fp8 import dequantize_blockwise, quantize_blockwise
+from deepseek_jax.layers import fp8_weights
+from deepseek_jax.layers.fp8 import E4M3, dequantize_blockwise, quantize_blockwise
 
 DEFAULT_BLOCK = (128, 128)
 # The released FP8 layout keeps these in bf16 (REFERENCE.md); the router bias stays fp32.
@@ -57,6 +58,8 @@ class LoadReport:
     tensors: HF tensors read (weights and FP8 scales).
     bytes: bytes of those tensors on disk.
     fp8_dequantized: float8_e4m3fn weights dequantized.
+    fp8_kept: float8_e4m3fn weights kept as codes + scales (`keep_fp8=True`).
+    fp8_quantized: higher-precision weights quantized to E4M3 on load (`keep_fp8=True`).
     mtp_layers: MTP depths loaded.
     skipped: tensors present but not needed (MTP copies of the embedding / head, old buffers).
     files: safetensors files of the checkpoint.
@@ -65,6 +68,8 @@ class LoadReport:
   tensors: int = 0
   bytes: int = 0
   fp8_dequantized: int = 0
+  fp8_kept: int = 0
+  fp8_quantized: int = 0
   mtp_layers: int = 0
   skipped: list = dataclasses.field(default_factory=list)
   files: list = dataclasses.field(default_factory=list)
@@ -284,6 +289,64 @@ class _LeafReader:
     return stack[(slice(None),) + index[1:]]
 
 
+class _Fp8LeafReader(_LeafReader):
+  """The E4M3 codes (which='codes') or the scale_inv (which='scale') of an FP8-stored variable (keep_fp8).
+
+  An F8_E4M3 checkpoint tensor is taken as it is (codes transposed to the kernel layout, weight_scale_inv
+  transposed to [in blocks, out blocks]); a higher-precision one is quantized per block on load.
+  """
+
+  def __init__(self, ckpt, cfg, entries, codes_shape, which, block, interleaved, report):
+    shape = codes_shape
+    if which == "scale":
+      n_lead = 1 if entries[0].kind == "expert" else 0
+      n_in = 1 if entries[0].kind == "expert" else entries[0].n_in
+      shape = fp8_weights.scale_shape(codes_shape, n_lead, n_in, block[0])
+    super().__init__(ckpt, cfg, entries, shape, E4M3 if which == "codes" else np.float32, block,
+                     interleaved, report)
+    self.which, self.codes_shape = which, tuple(codes_shape)
+    self._quantized = None
+
+  def _count(self, name, counter):
+    if name in self._read_names:
+      return
+    self._read_names.add(name)
+    self.report.tensors += 1
+    self.report.bytes += self.ckpt.tensors[name].nbytes
+    if counter:
+      setattr(self.report, counter, getattr(self.report, counter) + 1)
+
+  def _hf_tensor(self, e: Entry) -> np.ndarray:
+    """This reader's half of e as the checkpoint lays it out: codes [out, in] or scale [out / b, in / b]."""
+    if self.ckpt.tensors[e.hf].dtype == "F8_E4M3":
+      if self.which == "codes":
+        self._count(e.hf, "fp8_kept")
+        return self.ckpt.read(e.hf)
+      name = hf_names.scale_name(e.hf)
+      self._count(name, None)
+      return np.asarray(self.ckpt.read(name), np.float32)
+    if self._quantized is None or self._quantized[0] != e.hf:
+      self._count(e.hf, "fp8_quantized")
+      self._quantized = (e.hf, quantize_blockwise(np.asarray(self.ckpt.read(e.hf), np.float32), self.block))
+    return self._quantized[1][0 if self.which == "codes" else 1]
+
+  def _convert(self, e: Entry) -> np.ndarray:
+    t = self._hf_tensor(e)
+    if self.which == "codes":
+      leaf = self.codes_shape[1:] if e.kind == "expert" else self.codes_shape
+      return np.ascontiguousarray(to_model_layout(self.cfg, e, t, leaf, self.interleaved))
+    if e.rope is not None and not self.interleaved:
+      # The rope column permutation must keep every output column in its block for the scales to hold.
+      width = self.codes_shape[-1]
+      total = _flat(self.codes_shape[e.n_in:])
+      perm = np.concatenate([h * width + _rope_permutation(self.cfg, width) for h in range(total // width)])
+      if np.any(perm // self.block[0] != np.arange(total) // self.block[0]):
+        raise CheckpointError(f"tensor {e.hf}: the rope column permutation of this rope_interleave=false "
+                              f"checkpoint moves columns across {self.block} blocks; load it with "
+                              "keep_fp8=False")
+    return np.ascontiguousarray(t.T, dtype=np.float32)
+
+
 def _place(reader: _LeafReader, shape: tuple, sharding) -> jax.Array:
   """Assembles one variable from per-device blocks: each distinct block is built once (sorted, so that
   devices holding the same experts follow each other), copied to its devices and dropped."""
@@ -302,7 +365,7 @@ def _place(reader: _LeafReader, shape: tuple, sharding) -> jax.Array:
 
 
 def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True,
-                     progress: bool = False, config_overrides: Optional[dict] = None):
+                     progress: bool = False, config_overrides: Optional[dict] = None, keep_fp8: bool = False):
   """`load`, also returning a `LoadReport` of what was converted.
 
   Args: as `load`.
@@ -323,10 +386,18 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
         f" is absent): loading with num_nextn_predict_layers={present}"
         + (" (MTP disabled)" if present == 0 else ""))
     cfg = cfg.replace(num_nextn_predict_layers=present)
+  block = _block_size(raw)
+  if keep_fp8:
+    if block[0] != block[1]:
+      raise CheckpointError(f"quantization_config.weight_block_size={list(block)}: keep_fp8 needs square "
+                            "blocks")
+    cfg = cfg.replace(fp8_weights=True, fp8_weight_block=block[0])
   table = hf_names.entries(cfg)
   shapes = _leaves(abstract_variables(cfg))
+  # FP8-stored variables: codes at the weight's key, scale_inv at the key with SCALE_SUFFIX.
+  fp8_codes = {(k[0], k[1:]) for k in fp8_weights.fp8_layout(cfg)} if cfg.fp8_weights else set()
+  fp8_scales = {(c, p[:-1] + (p[-1] + fp8_weights.SCALE_SUFFIX,)): (c, p) for c, p in fp8_codes}
   skipped = _validate(ckpt, cfg, table, shapes, strict)
-  block = _block_size(raw)
   interleaved = bool(raw.get("rope_interleave", True))
   shardings = _leaves(variable_shardings(cfg, mesh, rules)) if mesh is not None else None
 
@@ -341,10 +412,15 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
     bar = tqdm(total=sum(len(v) for v in by_leaf.values()), unit="tensor", desc=f"load {path}")
   out = {}
   for key, leaf in shapes.items():
-    if key not in by_leaf:
+    codes_key = fp8_scales.get(key, key)
+    if codes_key not in by_leaf:
       raise CheckpointError(f"variable {_path_str(*key)} has no HF tensor in the name table")
-    ents = by_leaf[key]
-    reader = _LeafReader(ckpt, cfg, ents, leaf.shape, leaf.dtype, block, interleaved, report)
+    ents = by_leaf[codes_key]
+    if key in fp8_codes or key in fp8_scales:
+      reader = _Fp8LeafReader(ckpt, cfg, ents, shapes[codes_key].shape,
+                              "codes" if key in fp8_codes else "scale", block, interleaved, report)
+    else:
+      reader = _LeafReader(ckpt, cfg, ents, leaf.shape, leaf.dtype, block, interleaved, report)
     if shardings is None:
       arr = jnp.asarray(reader.full())
     else:
@@ -353,7 +429,7 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
                                       _flat(leaf.shape) * np.dtype(leaf.dtype).itemsize)
     out[key] = arr
     del reader
-    if bar is not None:
+    if bar is not None and key not in fp8_scales:
       bar.update(len(ents))
   if bar is not None:
     bar.close()
@@ -361,7 +437,7 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
 
 
 def load(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True, progress: bool = False,
-         config_overrides: Optional[dict] = None):
+         config_overrides: Optional[dict] = None, keep_fp8: bool = False):
   """Reads an HF DeepSeek-V2/V3/R1 checkpoint directory into the model's variables.
 
   Args:
@@ -372,6 +448,10 @@ def load(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True,
     strict: raise on tensors the model has no place for (else warn and skip them).
     progress: show a tqdm bar over the tensors.
     config_overrides: ModelConfig fields to set on top of config.json (e.g. moe_impl, attention_impl).
+    keep_fp8: keep the FP8 set's weights as E4M3 (cfg.fp8_weights=True, `deepseek_jax.layers.fp8_weights`):
+      F8_E4M3 tensors and their weight_scale_inv exactly as stored (transposed to the kernel layout, no
+      dequantize / requantize); weights the checkpoint holds in higher precision are quantized per block on
+      load.  The other variables take `dtype`.
   Returns:
     (cfg, variables) with variables in exactly `DeepSeekV3(cfg).init`'s structure ({'params', 'router'}).
   Raises:
@@ -380,7 +460,8 @@ def load(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True,
     CheckpointError: missing, misshapen or unexpected tensors, FP8 weights without their scale.
   """
   cfg, variables, _ = load_with_report(path, dtype=dtype, mesh=mesh, rules=rules, strict=strict,
-                                       progress=progress, config_overrides=config_overrides)
+                                       progress=progress, config_overrides=config_overrides,
+                                       keep_fp8=keep_fp8)
   return cfg, variables
 
 

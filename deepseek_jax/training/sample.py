@@ -29,11 +29,15 @@ def sample_tokens(model, variables, prompt: list[int], length: int, *, temperatu
   if not prompt:
     raise ValueError("sample_tokens needs a non-empty prompt")
   total = len(prompt) + length
-  buf = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
+  # The buffer and key stay on the host and the variables are an argument (not a closed-over constant):
+  # with a sharded (possibly multi-process) state every process runs the same jitted call on the same
+  # host values and reads the same replicated token.
+  buf = np.zeros((1, total), np.int32)
+  buf[0, :len(prompt)] = np.asarray(prompt, np.int32)
   rng = jax.random.PRNGKey(0) if rng is None else rng
 
   @jax.jit
-  def next_token(buf, pos, key):
+  def next_token(variables, buf, pos, key):
     logits = model.apply(variables, buf).logits[0]
     last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=0, keepdims=False)
     if temperature <= 0:
@@ -43,11 +47,15 @@ def sample_tokens(model, variables, prompt: list[int], length: int, *, temperatu
   out = []
   for pos in range(len(prompt), total):
     rng, key = jax.random.split(rng)
-    tok = next_token(buf, jnp.int32(pos), key)
-    buf = buf.at[0, pos].set(tok)
-    out.append(int(tok))
+    tok = int(next_token(variables, buf, np.int32(pos), np.asarray(jax.random.key_data(key)
+                                                                   if _typed(key) else key)))
+    buf[0, pos] = tok
+    out.append(tok)
   return out
 
+
+def _typed(key) -> bool:
+  return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 def sample_text(model, variables, tokenizer, prompt: str, length: int, *, temperature: float = 0.8,
                 seed: int = 0) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseek_jax.training import balance as balance_lib
 from deepseek_jax.training.losses import cross_entropy, objective
@@ -116,8 +117,15 @@ def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedule
   kwargs = {}
   if state_sharding is not None or batch_sharding is not None:
     kwargs["in_shardings"] = (state_sharding, batch_sharding)
-    kwargs["out_shardings"] = (state_sharding, None)
+    kwargs["out_shardings"] = (state_sharding, _replicated(batch_sharding))
   return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
+
+
+def _replicated(batch_sharding) -> Optional[NamedSharding]:
+  """Metrics replicated on the batch's mesh: every process can read them (multi-process runs)."""
+  if isinstance(batch_sharding, NamedSharding):
+    return NamedSharding(batch_sharding.mesh, PartitionSpec())
+  return None
 
 
 def make_eval_step(model, *, state_sharding: Optional[Any] = None,
@@ -139,4 +147,5 @@ def make_eval_step(model, *, state_sharding: Optional[Any] = None,
   kwargs = {}
   if state_sharding is not None or batch_sharding is not None:
     kwargs["in_shardings"] = (state_sharding, batch_sharding)
+    kwargs["out_shardings"] = _replicated(batch_sharding)
   return jax.jit(evaluate, **kwargs)

@@ -11,6 +11,17 @@
   5. stops at `steps`, on SIGTERM/SIGINT, or after max_bad_steps consecutive non-finite steps - always with
      a checkpoint - and at the end of a finished run prints a few sampled lines of text.
 The same workdir resumes exactly: same batches, same losses.
+
+Sharding (`deepseek_jax.sharding`): the mesh has the axes data, fsdp, expert, tensor (`config.mesh`); the
+train state is laid out by the logical-axis rules (`sharding.train_state_sharding`: parameters and their
+AdamW moments split over fsdp, routed experts over expert, heads and hidden widths over tensor), the batch
+rows over data x fsdp x expert (`sharding.data_sharding`).  Everything that traces the model runs under
+`jax.set_mesh(mesh)` and `sharding.rules_context(mesh=mesh)`: the first makes the MoE layers take the
+expert-parallel (all-to-all) path, the second makes the model's activation constraints effective.
+
+Multi-process runs (`deepseek_jax.distributed.initialize` first): every process runs this same loop on its
+own rows of each batch; checkpoints are written and read by all of them, metrics, TensorBoard, the progress
+bar, the tokenizer and the samples file by process 0 only.
 """
 
 from __future__ import annotations
@@ -27,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import distributed
+from deepseek_jax import sharding as sharding_lib
 from deepseek_jax.model import DeepSeekV3
-from deepseek_jax.training import mesh as mesh_lib
 from deepseek_jax.training.checkpoint import Checkpointer
 from deepseek_jax.training.config import model_config
 from deepseek_jax.training.errors import UserError
@@ -82,15 +94,17 @@ def _signal_guard():
   return guard()
 
 
-def load_init_variables(path: str, abstract_variables: dict) -> dict:
+def load_init_variables(path: str, abstract_variables: dict, mesh=None) -> dict:
   """Variables {'params', 'router'} of a converted checkpoint, checked against the model's shapes.
 
-  Uses `deepseek_jax.interop` when it offers an orbax loader (`load_orbax(path) -> (cfg, variables)`); else
-  reads an orbax PyTree checkpoint directory holding {'params', 'router'}.
+  Uses `deepseek_jax.interop` when it offers an orbax loader (`load_orbax(path, mesh=) -> (cfg, variables)`);
+  else reads an orbax PyTree checkpoint directory holding {'params', 'router'}.
 
   Args:
     path: the checkpoint directory.
     abstract_variables: the model's variables as ShapeDtypeStructs (from `jax.eval_shape(model.init, ...)`).
+    mesh: restore straight onto this mesh, laid out by the logical-axis rules (every process reads only its
+      shards); None: the default device.
   Returns:
     The variables, cast to the model's dtypes.
   Raises:
@@ -103,7 +117,7 @@ def load_init_variables(path: str, abstract_variables: dict) -> dict:
   loader = getattr(interop, "load_orbax", None)
   try:
     if loader is not None:
-      _, variables = loader(path)
+      _, variables = loader(path, mesh=mesh)
     else:
       variables = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
   except Exception as e:  # pylint: disable=broad-except
@@ -122,13 +136,60 @@ def load_init_variables(path: str, abstract_variables: dict) -> dict:
     if tuple(a.shape) != tuple(np.shape(b)):
       raise UserError(f"--init_from={path}: {jax.tree_util.keystr(kp)} has shape {np.shape(b)}, the model "
                       f"expects {a.shape}")
-    out.append(jnp.asarray(b, a.dtype))
+    out.append(b if getattr(b, "dtype", None) == a.dtype else jnp.asarray(b, a.dtype))
   return jax.tree_util.tree_unflatten(want, out)
 
 
 def _global_batch(local: dict, sharding, global_rows: int) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
-          for k, v in local.items()}
+  return distributed.global_batch_from_local(local, sharding, global_rows)
+
+
+def make_mesh(mesh_config):
+  """The run's mesh from `config.mesh` ({data, fsdp, expert, tensor}, -1 = the remaining devices).
+
+  Args:
+    mesh_config: the `config.mesh` ConfigDict (or a dict).
+  Returns:
+    jax.sharding.Mesh over all devices of all processes.
+  Raises:
+    UserError: sizes that do not fit the device count (the message names them).
+  """
+  sizes = dict(mesh_config)
+  unknown = set(sizes) - set(sharding_lib.MESH_AXES)
+  if unknown:
+    raise UserError(f"config.mesh: unknown axes {sorted(unknown)}; expected {list(sharding_lib.MESH_AXES)}")
+  try:
+    return sharding_lib.make_mesh(**sizes)
+  except sharding_lib.MeshError as e:
+    raise UserError(str(e)) from e
+
+
+def data_parallel_size(mesh) -> int:
+  """Devices a batch is split over: data x fsdp x expert (the rows of `sharding.data_sharding`)."""
+  return math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
+
+
+def data_shard(batch_sharding, global_rows: int) -> tuple[int, int]:
+  """Which block of a global batch this process feeds: (index, count) for the data iterators.
+
+  Processes whose devices differ only along unbatched axes (tensor) hold the same rows and read the same
+  block; `count` is the number of distinct blocks (the process count when every process holds its own).
+
+  Args:
+    batch_sharding: the batch sharding.
+    global_rows: rows of a global batch (a multiple of the data-parallel size).
+  Returns:
+    (index, count) with this process's rows = [index * global_rows / count, (index + 1) * ...).
+  """
+  try:
+    rows = distributed.local_batch_slice(global_rows, batch_sharding)
+  except ValueError as e:
+    raise UserError(f"mesh: {e}") from e
+  n = rows.stop - rows.start
+  if global_rows % n or rows.start % n:
+    raise UserError(f"mesh: process {jax.process_index()} holds rows {rows.start}:{rows.stop} of a batch of "
+                    f"{global_rows}, not one of equal blocks")
+  return rows.start // n, global_rows // n
 
 
 def _scalars(metrics: dict) -> dict:
@@ -148,6 +209,8 @@ def _scalars(metrics: dict) -> dict:
 def evaluate(eval_step, state, tokens, seq_len: int, batch: int, max_batches: int, sharding) -> float:
   """Mean next-token cross-entropy (nats) over the first `max_batches` global batches of a held-out stream.
 
+  Every process calls it (the step is SPMD); each reads its own rows of every batch.
+
   Args:
     eval_step: from `make_eval_step`.
     state: the TrainState.
@@ -160,9 +223,9 @@ def evaluate(eval_step, state, tokens, seq_len: int, batch: int, max_batches: in
     The mean loss.
   """
   from deepseek_jax.data import sequential_batches  # pylint: disable=g-import-not-at-top
+  index, count_blocks = data_shard(sharding, batch)
   total = count = 0.0
-  for local in sequential_batches(tokens, seq_len, batch, jax.process_index(), jax.process_count(),
-                                  max_batches=max_batches):
+  for local in sequential_batches(tokens, seq_len, batch, index, count_blocks, max_batches=max_batches):
     s, n = eval_step(state, _global_batch(local, sharding, batch))
     total += float(s)
     count += float(n)
@@ -187,14 +250,14 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
   t_start = time.time()
   _check_config(config)
   cfg = model_config(config)
-  mesh = mesh_lib.make_mesh(dict(config.mesh))
-  dp = mesh_lib.data_parallel_size(mesh)
+  mesh = make_mesh(config.mesh)
+  dp = data_parallel_size(mesh)
   accum = int(config.grad_accum)
-  quantum = math.lcm(dp * accum, jax.process_count() * accum)
+  # Every microbatch splits evenly over the data-parallel devices (and so over the processes feeding them).
+  quantum = dp * accum
   if config.batch_size % quantum:
     raise UserError(f"config.batch_size={config.batch_size} does not split over the data axes: it must be a "
-                    f"multiple of data x fsdp = {dp} (times grad_accum = {accum}"
-                    f"{', and of the process count' if jax.process_count() > 1 else ''}) = {quantum}")
+                    f"multiple of data x fsdp x expert = {dp} (times grad_accum = {accum}) = {quantum}")
   seq_len = int(config.seq_len)
   if seq_len > cfg.max_position_embeddings:
     raise UserError(f"config.seq_len={seq_len} exceeds model.max_position_embeddings="
@@ -204,7 +267,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
                                  cache_dir=config.data.cache_dir or None, vocab_size=cfg.vocab_size)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"data: {e}") from e
-  is_main = jax.process_index() == 0
+  is_main = distributed.is_main_process()
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     ds.tokenizer.save(os.path.join(workdir, "tokenizer"))
@@ -217,30 +280,33 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
     return make_optimizer(params, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                           clip_norm=o.clip_norm, mu_dtype=o.mu_dtype, decay_embeddings=o.decay_embeddings)
 
-  sharding_fn = mesh_lib.state_sharding(mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  sharding_fn = sharding_lib.train_state_sharding(model, mesh)
+  batch_sharding = sharding_lib.data_sharding(mesh)
+  data_index, data_count = data_shard(batch_sharding, int(config.batch_size))
   rng = jax.random.PRNGKey(int(config.seed))
+  # Every process opens the same checkpoints: orbax writes and reads each process's shards.
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.max_to_keep) or None)
-  abstract, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
-                                             abstract_only=True)
-  restored = ckpt.restore_latest(abstract)
-  data_state = None
-  if restored is not None:
-    start_step, state, meta = restored
-    data_state = meta.get("data")
-    print(f"resumed from {ckpt.directory}/{start_step}", flush=True)
-  else:
-    variables = None
-    if init_from:
-      abstract_vars = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)), rng)
-      variables = load_init_variables(init_from, abstract_vars)
-    state, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
-                                            variables=variables)
-    start_step = 0
+  with sharding_lib.use_mesh(mesh):
+    abstract, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
+                                               abstract_only=True)
+    restored = ckpt.restore_latest(abstract)
+    data_state = None
+    if restored is not None:
+      start_step, state, meta = restored
+      data_state = meta.get("data")
+      if is_main:
+        print(f"resumed from {ckpt.directory}/{start_step}", flush=True)
+    else:
+      variables = None
+      if init_from:
+        abstract_vars = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)), rng)
+        variables = load_init_variables(init_from, abstract_vars, mesh=mesh)
+      state, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
+                                              variables=variables)
+      start_step = 0
 
   batches = data_lib.TokenBatches(ds.train, seq_len, int(config.batch_size), seed=int(config.seed),
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  state=data_state)
+                                  process_index=data_index, process_count=data_count, state=data_state)
   train_step = make_train_step(model, tx, schedules, alpha=float(config.balance.alpha), grad_accum=accum,
                                state_sharding=state_shardings, batch_sharding=batch_sharding)
   eval_step = make_eval_step(model, state_sharding=state_shardings, batch_sharding=batch_sharding)
@@ -260,7 +326,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
   stopped = "done"
   interval_tokens, interval_t0, measured_tokens, measured_time = 0, None, 0, 0.0
   try:
-    with _signal_guard() as stop:
+    with _signal_guard() as stop, sharding_lib.use_mesh(mesh):
       while step < steps:
         bs = schedules.global_batch(step, quantum)
         local = batches.next_batch(bs)
@@ -315,13 +381,17 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
     ckpt.close()
     writer.close()
   samples = []
-  if stopped == "done" and int(config.sample.num) > 0 and is_main:
-    for i in range(int(config.sample.num)):
-      samples.append(sample_text(model, state.variables, ds.tokenizer, config.sample.prompt,
-                                 int(config.sample.length), temperature=float(config.sample.temperature),
-                                 seed=int(config.seed) + i))
-    with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
-      f.write("\n\n".join(samples) + "\n")
+  if stopped == "done" and int(config.sample.num) > 0:
+    # SPMD like the steps: every process samples from the sharded state (the same tokens), process 0 writes.
+    # Only the mesh, not the activation rules: one row cannot be split over the batch axes.
+    with jax.set_mesh(mesh):
+      for i in range(int(config.sample.num)):
+        samples.append(sample_text(model, state.variables, ds.tokenizer, config.sample.prompt,
+                                   int(config.sample.length), temperature=float(config.sample.temperature),
+                                   seed=int(config.seed) + i))
+    if is_main:
+      with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
+        f.write("\n\n".join(samples) + "\n")
   summary.update(step=step, stopped=stopped, samples=samples, wall_s=time.time() - t_start,
                  tokens_per_sec=(measured_tokens / measured_time) if measured_time else None)
   return summary

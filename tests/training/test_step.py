@@ -70,9 +70,16 @@ def setup():
   return model, state, tx, batch, sched
 
 
-def test_grad_accumulation_matches_full_batch(setup):
+@pytest.fixture(scope="module")
+def plain_step(setup):
+  """The accum=1 step, compiled once for the tests that share it."""
+  model, _, tx, _, sched = setup
+  return make_train_step(model, tx, sched, alpha=0.01, grad_accum=1, donate=False)
+
+
+def test_grad_accumulation_matches_full_batch(setup, plain_step):
   model, state, tx, batch, sched = setup
-  s1, m1 = make_train_step(model, tx, sched, alpha=0.01, grad_accum=1, donate=False)(state, batch)
+  s1, m1 = plain_step(state, batch)
   s2, m2 = make_train_step(model, tx, sched, alpha=0.01, grad_accum=2, donate=False)(state, batch)
   for k in ("loss", "ce", "mtp", "balance", "grad_norm"):
     assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6), k
@@ -94,12 +101,12 @@ def test_grad_accumulation_matches_full_batch(setup):
   assert int(s1.step) == 1 and int(s1.skipped) == 0
 
 
-def test_non_finite_step_is_skipped(setup):
-  model, state, tx, batch, sched = setup
+def test_non_finite_step_is_skipped(setup, plain_step):
+  _, state, _, batch, _ = setup
   params = jax.tree.map(lambda x: x, state.params)
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
   bad = state.replace(params=params)
-  step = make_train_step(model, tx, sched, alpha=0.01, donate=False)
+  step = plain_step
   new, m = step(bad, batch)
   assert not np.isfinite(float(m["loss"]))
   assert int(new.step) == 1 and int(new.skipped) == 1 and int(new.bad_streak) == 1
