@@ -33,6 +33,7 @@ Transient buffers of a single op (collective staging, the optimizer update) are 
 from __future__ import annotations
 
 import math
+import types
 from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -59,15 +60,18 @@ def _rule(rules, name):
 
 
 def _shards(logical: Sequence, shape: Sequence[int], mesh_sizes: Mapping[str, int], rules) -> list[int]:
-  """Devices each dim is split over (mesh axes of size 1 dropped; a dim not divisible stays whole)."""
-  out = []
-  for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+  """Devices each dim is split over: the rules' mesh axes, fitted to the shape by `sharding.fit_spec`."""
+  from deepseek_jax.sharding import fit_spec  # pylint: disable=g-import-not-at-top
+  entries = []
+  for name in tuple(logical) + (None,) * (len(shape) - len(logical)):
     names = () if name is None else ((name,) if isinstance(name, str) else tuple(name))
-    axes = []
-    for n in names:
-      axes += [a for a in _rule(rules, n) if mesh_sizes.get(a, 1) > 1]
-    size = math.prod(mesh_sizes[a] for a in axes)
-    out.append(size if size > 1 and dim % size == 0 else 1)
+    axes = tuple(a for n in names for a in _rule(rules, n))
+    entries.append(axes or None)
+  fitted = fit_spec(PartitionSpec(*entries), shape, types.SimpleNamespace(shape=dict(mesh_sizes)))
+  out = []
+  for axes in fitted:
+    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    out.append(math.prod(mesh_sizes.get(a, 1) for a in names))
   return out
 
 

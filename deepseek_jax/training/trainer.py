@@ -27,6 +27,7 @@ bar, the tokenizer and the samples file by process 0 only.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -271,6 +272,9 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     ds.tokenizer.save(os.path.join(workdir, "tokenizer"))
+    # The model of the run in the HF layout, so that generation needs only the workdir.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_hf(), f, indent=2)
 
   model = DeepSeekV3(cfg)
   schedules = schedules_from_config(config)
