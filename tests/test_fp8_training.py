@@ -20,16 +20,19 @@ def test_fp8_training_tracks_bf16(tmp_path):
   for precision in ("bf16", "fp8"):
     wd = tmp_path / precision
     summary = train(micro_config(steps=STEPS, precision=precision, checkpoint_every=0, eval_every=STEPS,
-                                 eval_batches=4, log_every=1), str(wd))
-    runs[precision] = (summary, [r["loss"] for r in read_metrics(wd) if "loss" in r])
-  (s16, l16), (s8, l8) = runs["bf16"], runs["fp8"]
-  rel_train = abs(s8["last_loss"] - s16["last_loss"]) / s16["last_loss"]
+                                 eval_batches=16, log_every=1), str(wd))
+    rows = [r for r in read_metrics(wd) if "loss" in r]
+    runs[precision] = (summary, [r["loss"] for r in rows], float(np.mean([r["ce"] for r in rows[-10:]])))
+  (s16, l16, ce16), (s8, l8, ce8) = runs["bf16"], runs["fp8"]
+  # One batch's loss and a 4-batch held-out loss move by up to 2% between seeds of this micro run: compare
+  # the training CE over the last 10 steps and the held-out loss over 16 batches.
+  rel_train = abs(ce8 - ce16) / ce16
   rel_eval = abs(s8["eval_loss"] - s16["eval_loss"]) / s16["eval_loss"]
-  print(f"final train loss bf16 {s16['last_loss']:.4f} fp8 {s8['last_loss']:.4f} (rel {rel_train:.2e}); "
+  print(f"train CE (last 10 steps) bf16 {ce16:.4f} fp8 {ce8:.4f} (rel {rel_train:.2e}); "
         f"held-out bf16 {s16['eval_loss']:.4f} fp8 {s8['eval_loss']:.4f} (rel {rel_eval:.2e})")
   # Both learn (byte-level text starts at ln(259) = 5.6 nats; the MTP term adds to `loss`).
   assert l16[-1] < l16[0] - 2.0 and l8[-1] < l8[0] - 2.0
-  # Measured on this run: 6.0e-4 (train) and 1.6e-3 (held-out), below the report's 0.25% at scale.  The
+  # Measured (seeds 0 and 2): 2.1e-4 / 2.2e-4 (train) and 5.4e-3 / 4.1e-3 (held-out).  The
   # micro model's widths (32) are below one 128 tile, so every tile is a whole row and every block a whole
   # matrix: coarser than at scale, where 128-tiles are finer relative to the row.  Bound: 1%, 4x the
   # report's figure, so a broken recipe (unscaled E4M3, a wrong transpose: several % or divergence) fails.

@@ -9,14 +9,17 @@ an FP8 grouped GEMM multiplies:
      operand of the report); weight and activation rounding pass their cotangents straight through.
 The products of those E4M3 values are then taken in fp32 with fp32 accumulation (`Precision.HIGHEST`) over
 the dispatch layout of `moe_impl` ('dense', 'blocked', or the expert-sorted 'xla' / 'pallas' grouped
-matmuls), i.e. a quantize-dequantize simulation of the FP8 GEMM on every backend.  It differs from the
-report's kernels in two ways: products are accumulated in fp32 over the whole contraction (the report
-promotes every 128 elements, which is exact in the simulation), and the wgrad GEMM uses the forward's 1x128
-activation tiles and the dgrad's 1x128 cotangent tiles instead of 128x1 tiles along the tokens.
+matmuls), i.e. a quantize-dequantize simulation of the FP8 GEMM on every backend.  Products are accumulated
+in fp32 over the whole contraction (the report promotes every 128 elements, which the simulation does
+exactly).  The blocked (CPU default) and expert-sorted (GPU default) layouts give the wgrad GEMM the report's
+operands - activations and cotangents per 128 x 1 tile along each expert's tokens, tiles never crossing an
+expert boundary; the 'dense' reference layout uses the forward's 1 x 128 activation tiles and the dgrad's
+1 x 128 cotangent tiles there.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import jax
@@ -31,14 +34,6 @@ from deepseek_jax.ops.backend import on_gpu, resolve
 _HI = lax.Precision.HIGHEST
 
 
-def _swiglu(a, mm, w_gate, w_up, w_down, tile):
-  """(silu(a Wg) * (a Wu)) Wd with E4M3 activations and cotangents; `mm(a, w)` applies expert weights."""
-  gate = fp8.fake_quant_grad(mm(a, w_gate), tile)
-  up = fp8.fake_quant_grad(mm(a, w_up), tile)
-  h = fp8.fake_quant_act(jax.nn.silu(gate) * up, tile)
-  return fp8.fake_quant_grad(mm(h, w_down), tile)
-
-
 def _dense(xq, idx, weights, wg, wu, wd, tile):
   e = wg.shape[0]
   gate = fp8.fake_quant_grad(jnp.einsum("TD,EDF->TEF", xq, wg, precision=_HI), tile)
@@ -50,37 +45,92 @@ def _dense(xq, idx, weights, wg, wu, wd, tile):
   return jnp.einsum("TED,TE->TD", y, dense_w, precision=_HI)
 
 
+def _gemm_ffn(a, mm, w_gate, w_up, w_down, tile):
+  """(silu(a Wg) * (a Wu)) Wd where `mm` quantizes its own backward operands (dgrad and wgrad)."""
+  h = fp8.fake_quant_act(jax.nn.silu(mm(a, w_gate)) * mm(a, w_up), tile)
+  return mm(h, w_down)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _block_gemm(a, w, tile):
+  """a [N,B,I] @ w [N,I,O] per block, both already E4M3-rounded (forward); the backward follows the report:
+  dgrad = (dy per 1 x tile along O) @ w^T, wgrad = (a per tile x 1 along the rows)^T @ (dy per tile x 1)."""
+  return jnp.einsum("NBI,NIO->NBO", a, w, precision=_HI)
+
+
+def _block_gemm_fwd(a, w, tile):
+  return _block_gemm(a, w, tile), (a, w)
+
+
+def _block_gemm_bwd(tile, res, g):
+  a, w = res
+  da = jnp.einsum("NBO,NIO->NBI", fp8.fake_quant_act(g, tile), w, precision=_HI)
+  rows = lambda v: jnp.swapaxes(fp8.fake_quant_act(jnp.swapaxes(v, 1, 2), tile), 1, 2)
+  dw = jnp.einsum("NBI,NBO->NIO", rows(a), rows(g), precision=_HI)
+  return da, dw
+
+
+_block_gemm.defvjp(_block_gemm_fwd, _block_gemm_bwd)
+
+
 def _blocked(xq, idx, weights, wg, wu, wd, tile):
-  e = wg.shape[0]
-  t, k = idx.shape
-  d = xq.shape[1]
-  block = moe_dispatch.block_size_for(t * k, e)
-  slot_token, slot_valid, block_expert, assignment_slot, _ = jax.lax.stop_gradient(
-      moe_dispatch.blocked_layout(idx, e, block))
-  xb = jnp.where(slot_valid[:, None], jnp.take(xq, slot_token, axis=0), 0).reshape(-1, block, d)
-  onehot = jax.nn.one_hot(block_expert, e, dtype=xq.dtype)                  # [N, E]
+  """The blocked dispatch of `moe_dispatch` with FP8 GEMMs in the report's three operand layouts (every
+  block holds rows of one expert, so 128 x 1 tiles along its rows are tiles along that expert's tokens)."""
 
-  def mm(a, w):
-    return jnp.einsum("NBI,NIO->NBO", a, jnp.einsum("NE,EIO->NIO", onehot, w, precision=_HI),
-                      precision=_HI)
+  def ffn(xb, per_block, w_gate, w_up, w_down):
+    return _gemm_ffn(xb, lambda a, w: _block_gemm(a, per_block(w), tile), w_gate, w_up, w_down, tile)
 
-  yb = _swiglu(xb, mm, wg, wu, wd, tile).reshape(-1, d)
-  y = jnp.take(yb, assignment_slot, axis=0).reshape(t, k, d)
-  return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype), precision=_HI)
+  return moe_dispatch.blocked_experts(xq, idx, weights, wg, wu, wd, block_ffn=ffn)
+
+
+def _token_tile_ids(group_sizes, rows: int, tile: int):
+  """Tile id of each expert-sorted row: tiles of `tile` consecutive rows that never cross an expert's
+  boundary (a 128 x 1 tile along one expert's tokens); returns (ids [rows], static number of tiles)."""
+  start = jnp.cumsum(group_sizes) - group_sizes
+  tiles = (group_sizes + tile - 1) // tile
+  first_tile = jnp.cumsum(tiles) - tiles
+  r = jnp.arange(rows, dtype=jnp.int32)
+  g = jnp.clip(jnp.searchsorted(jnp.cumsum(group_sizes), r, side="right"), 0, group_sizes.shape[0] - 1)
+  return first_tile[g] + (r - start[g]) // tile, -(-rows // tile) + group_sizes.shape[0]
+
+
+def _qdq_token_tiles(a, tile_ids, num_tiles: int):
+  """a [M, C] rounded to E4M3 per (row tile, column): the scale is the tile's max-abs / 448."""
+  amax = jax.ops.segment_max(jnp.abs(a), tile_ids, num_segments=num_tiles)       # [num_tiles, C]
+  scale = jnp.where(amax > 0, amax * jnp.float32(1 / fp8.E4M3_MAX), 1.0)[tile_ids]
+  q = jnp.clip(a / scale, -fp8.E4M3_MAX, fp8.E4M3_MAX).astype(fp8.E4M3)
+  return q.astype(a.dtype) * scale
 
 
 def _sorted(xq, idx, weights, wg, wu, wd, tile, impl):
+  """Expert-sorted rows through grouped matmuls (ragged_dot or gmm) whose backward follows the report:
+  dgrad with the cotangent per 1 x tile, wgrad with both operands per tile x 1 along each expert's tokens."""
   k = idx.shape[1]
   order, group_sizes, inverse = sort_by_expert(idx, num_experts=wg.shape[0])
   xs = permute(xq, order, k)
+  tile_ids, num_tiles = _token_tile_ids(group_sizes, xs.shape[0], tile)
 
-  def mm(a, w):
+  def gmm(a, w):
     if impl == "pallas":
       from kernels import grouped_matmul as gm  # pylint: disable=g-import-not-at-top
       return gm.gmm(a, w, group_sizes)
     return lax.ragged_dot(a, w, group_sizes.astype(jnp.int32), precision=_HI)
 
-  return combine(_swiglu(xs, mm, wg, wu, wd, tile), inverse, weights)
+  @jax.custom_vjp
+  def mm(a, w):
+    return gmm(a, w)
+
+  def mm_fwd(a, w):
+    return gmm(a, w), (a, w)
+
+  def mm_bwd(res, g):
+    a, w = res
+    da = gmm(fp8.fake_quant_act(g, tile), jnp.swapaxes(w, 1, 2))
+    _, w_vjp = jax.vjp(lambda w_: gmm(_qdq_token_tiles(a, tile_ids, num_tiles), w_), w)
+    return da, w_vjp(_qdq_token_tiles(g, tile_ids, num_tiles))[0]
+
+  mm.defvjp(mm_fwd, mm_bwd)
+  return combine(_gemm_ffn(xs, mm, wg, wu, wd, tile), inverse, weights)
 
 
 def fp8_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", tile: int = 128,

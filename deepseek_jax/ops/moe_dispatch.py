@@ -80,12 +80,26 @@ def blocked_layout(idx, num_experts: int, block: int):
   return slot_token, slot_valid, block_expert, assignment_slot, slot_assignment
 
 
-def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None):
+def swiglu_blocks(xb, per_block, w_gate, w_up, w_down):
+  """(silu(x Wg) * (x Wu)) Wd on blocks xb [N, B, D]; `per_block(w)` gives each block's weights [N, I, O]."""
+  h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, per_block(w_gate)))
+       * jnp.einsum("NBD,NDF->NBF", xb, per_block(w_up)))
+  return jnp.einsum("NBF,NFD->NBD", h, per_block(w_down))
+
+
+def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None,
+                    block_ffn=swiglu_blocks):
   """Dropless experts as batched matmuls over blocks of one expert each (the CPU default).
 
   `jax.lax.ragged_dot` on CPU computes every group for every row; here each expert's rows are padded to a
   multiple of `block` and every block multiplies by its own expert's weights, so the work is the routed
   rows plus at most E x (block - 1) padding rows.
+
+  Args:
+    x, idx, weights, w_gate, w_up, w_down: as `routed_experts`.
+    block: rows per block (default `block_size_for`).
+    block_ffn: the expert FFN on blocks, `block_ffn(xb [N,B,D], per_block, w_gate, w_up, w_down)` ->
+      [N,B,D] (default `swiglu_blocks`; the FP8 recipe passes its own GEMMs).
   """
   e = w_gate.shape[0]
   t, k = idx.shape
@@ -97,9 +111,7 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   # summed over each expert's blocks) is then a matmul too, not a scatter-add.
   onehot = jax.nn.one_hot(block_expert, e, dtype=x.dtype)                  # [N, E]
   per_block = lambda w: jnp.einsum("NE,EIO->NIO", onehot, w)
-  h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, per_block(w_gate)))
-       * jnp.einsum("NBD,NDF->NBF", xb, per_block(w_up)))
-  yb = jnp.einsum("NBF,NFD->NBD", h, per_block(w_down)).reshape(-1, x.shape[1])
+  yb = block_ffn(xb, per_block, w_gate, w_up, w_down).reshape(-1, x.shape[1])
   y = _from_slots(yb, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
 

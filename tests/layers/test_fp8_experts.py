@@ -8,7 +8,7 @@ import pytest
 
 from deepseek_jax.layers import fp8, fp8_weights
 from deepseek_jax.layers.fp8_experts import fp8_experts
-from deepseek_jax.ops.moe_dispatch import routed_experts
+from deepseek_jax.ops.moe_dispatch import block_size_for, routed_experts
 
 F8 = ml_dtypes.float8_e4m3fn
 T, D, F, E, K = 24, 160, 136, 4, 2     # D, F past 128: two tiles / blocks per axis, ragged edges
@@ -78,9 +78,19 @@ def test_fp8_experts_forward_matches_the_float64_recipe(problem, impl, bound):
   assert rel(y) < bound and rel(exact) > 3e-2
 
 
-def recipe_grads(x, idx, weights, wg, wu, wd, dy):
+def qdq_token_tiles(a, rows):
+  """a [R, C] rounded per tile x 1 along the rows, in chunks of `rows` consecutive rows (<= 128)."""
+  out = np.zeros(a.shape, np.float64)
+  for r in range(0, a.shape[0], rows):
+    out[r:r + rows] = qdq_rows(np.asarray(a[r:r + rows], np.float32).T).T
+  return out
+
+
+def recipe_grads(x, idx, weights, wg, wu, wd, dy, token_chunk=0):
   """dx and dw_down of the recipe in float64: each GEMM's cotangent rounded per 1 x 128 along its last
-  axis, weights and activations rounded as in the forward, cotangents passed straight through them."""
+  axis, weights and activations rounded as in the forward, cotangents passed straight through them.
+  With token_chunk > 0 the wgrad GEMM takes the report's operands instead: h and the raw cotangent rounded
+  per 128 x 1 tile along each expert's tokens, in that expert's consecutive chunks of token_chunk rows."""
   xq = qdq_rows(x)
   dx, dwd = np.zeros(xq.shape), np.zeros(wd.shape)
   for e in range(wg.shape[0]):
@@ -90,7 +100,11 @@ def recipe_grads(x, idx, weights, wg, wu, wd, dy):
     sg = 1 / (1 + np.exp(-g))
     h = qdq_rows((g * sg * u).astype(np.float32))
     dyq = qdq_rows((dy * we[:, None]).astype(np.float32)[sel])
-    dwd[e] = h.T @ dyq
+    if token_chunk:
+      dwd[e] = (qdq_token_tiles(h, token_chunk).T
+                @ qdq_token_tiles((dy * we[:, None])[sel], token_chunk))
+    else:
+      dwd[e] = h.T @ dyq
     dh = dyq @ qdq_blocks(wd[e]).T
     dgate, dup = dh * u * sg * (1 + g * (1 - sg)), dh * g * sg
     dx[sel] += (qdq_rows(dgate.astype(np.float32)) @ qdq_blocks(wg[e]).T
@@ -104,7 +118,10 @@ def test_fp8_experts_gradients_match_the_float64_recipe(problem, impl, bound):
   loss = lambda x, wg, wu, wd: jnp.sum(jnp.sin(fp8_experts(x, idx, weights, wg, wu, wd, impl=impl)))
   gx, gwg, _, gwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
   dy = np.cos(np.asarray(fp8_experts(x, idx, weights, wg, wu, wd, impl=impl), np.float64))
-  dx, dwd = recipe_grads(*(np.asarray(a) for a in problem), dy)
+  # The blocked layout puts each expert's rows in blocks of `block_size_for` rows: its wgrad tiles.
+  # The sorted layout's tiles are 128 consecutive rows of one expert (here every expert has fewer).
+  chunk = {"blocked": block_size_for(T * K, E), "xla": 128}.get(impl, 0)
+  dx, dwd = recipe_grads(*(np.asarray(a) for a in problem), dy, token_chunk=chunk)
   rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
   print(f"{impl}: dx {rel(gx, dx):.1e}, dw_down {rel(gwd, dwd):.1e} vs float64 recipe")
   # The sorted layouts agree with the recipe to fp32 rounding (measured 5e-7).  In the dense layout one
