@@ -38,12 +38,14 @@ def mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_sl
   t = k_nope.shape[1]
   if q_slots is None:
     q_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + (t - s), (b, s))
-  logits = (jnp.einsum("BSHN,BTHN->BHST", q_nope, k_nope, preferred_element_type=jnp.float32)
-            + jnp.einsum("BSHR,BTR->BHST", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
+  # Heads-major operands: XLA:CPU runs these batched matmuls about 2x faster than with heads inside.
+  q_nope, q_pe, k_nope, v = (a.transpose(0, 2, 1, 3) for a in (q_nope, q_pe, k_nope, v))
+  logits = (jnp.einsum("BHSN,BHTN->BHST", q_nope, k_nope, preferred_element_type=jnp.float32)
+            + jnp.einsum("BHSR,BTR->BHST", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
   logits = jnp.where(slot_mask(q_slots, t), logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BHST,BTHV->BSHV", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q_nope.dtype)
+  out = jnp.einsum("BHST,BHTV->BHSV", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.transpose(0, 2, 1, 3).astype(q_nope.dtype)
 
 
 def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, impl: str = "auto"):
