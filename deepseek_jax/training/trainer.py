@@ -294,6 +294,12 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
     abstract, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
                                                abstract_only=True)
     restored = ckpt.restore_latest(abstract)
+  variables = None
+  if restored is None and init_from:
+    # Outside the ambient mesh: orbax places each array on the mesh's NamedShardings itself.
+    abstract_vars = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)), rng)
+    variables = load_init_variables(init_from, abstract_vars, mesh=mesh)
+  with sharding_lib.use_mesh(mesh):
     data_state = None
     if restored is not None:
       start_step, state, meta = restored
@@ -301,10 +307,6 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
       if is_main:
         print(f"resumed from {ckpt.directory}/{start_step}", flush=True)
     else:
-      variables = None
-      if init_from:
-        abstract_vars = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)), rng)
-        variables = load_init_variables(init_from, abstract_vars, mesh=mesh)
       state, tx, state_shardings = init_state(model, tx_factory, rng, seq_len, sharding_fn,
                                               variables=variables)
       start_step = 0
