@@ -1,9 +1,13 @@
 """deepseek-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP, YaRN, FP8) in pure-functional JAX/Flax."""
 
 from deepseek_jax import analysis
+from deepseek_jax import data
+from deepseek_jax import inference
 from deepseek_jax import interop
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig, RopeScaling
+from deepseek_jax.inference import generate
 from deepseek_jax.model import DeepSeekV3, ModelOutput, init_cache
 
-__all__ = ["ModelConfig", "RopeScaling", "DeepSeekV3", "ModelOutput", "init_cache", "analysis",
-           "interop"]
+__all__ = ["ModelConfig", "RopeScaling", "DeepSeekV3", "ModelOutput", "init_cache", "generate", "analysis",
+           "data", "inference", "interop", "sharding"]
