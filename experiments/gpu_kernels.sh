@@ -17,7 +17,9 @@ print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices())
 assert jax.default_backend() == "gpu", "no GPU backend: the kernels would run in interpret mode"
 PY
 
-# Compiled-kernel tests; a failure is recorded but the benchmark still runs.
+# Compiled-kernel tests; a failure is recorded but the benchmark still runs. tests/conftest.py defaults
+# JAX_PLATFORMS to cpu for the test suite: name the GPU platform explicitly here.
+export JAX_PLATFORMS=cuda
 tests_rc=0
 timeout 210 "$PY" -m pytest tests/kernels -q -s -p no:cacheprovider 2>&1 \
   | tee "$OUT/kernel_tests.log" || tests_rc=$?
