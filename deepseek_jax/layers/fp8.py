@@ -380,6 +380,12 @@ _fp8_matmul_2d.defvjp(_fp8_matmul_2d_fwd, _fp8_matmul_2d_bwd)
 _fp8_matmul_2d_jit = jax.jit(_fp8_matmul_2d, static_argnums=(2, 3, 4, 5, 6))
 
 
+def _check_tiles(name: str, tile: int, block) -> None:
+  """Each weight block must hold whole activation tiles (one weight scale per 128-chunk of K)."""
+  if tile <= 0 or block[0] % tile or block[1] % tile:
+    raise ValueError(f"{name}: block={block} must be multiples of tile={tile}")
+
+
 def fp8_matmul(x, w, *, tile: int = 128, block: Tuple[int, int] = (128, 128), out_dtype=None,
                simulate: Optional[bool] = None, chunks_per_step: Optional[int] = None):
   """x @ w with DeepSeek-V3's fine-grained FP8 recipe, differentiable (custom VJP).
@@ -419,8 +425,7 @@ def fp8_matmul(x, w, *, tile: int = 128, block: Tuple[int, int] = (128, 128), ou
     raise ValueError(f"fp8_matmul: x {tuple(x.shape)} and w {tuple(w.shape)} disagree on K")
   if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(w.dtype, jnp.floating)):
     raise ValueError(f"fp8_matmul: x ({x.dtype}) and w ({w.dtype}) must be floating point")
-  if tile <= 0 or block[0] % tile or block[1] % tile:
-    raise ValueError(f"fp8_matmul: block={block} must be multiples of tile={tile}")
+  _check_tiles("fp8_matmul", tile, block)
   if chunks_per_step is not None and chunks_per_step <= 0:
     raise ValueError(f"fp8_matmul: chunks_per_step={chunks_per_step} must be positive")
   if simulate is None:
@@ -464,8 +469,7 @@ def fp8_matmul_quantized(x, w_fp8, scale_inv, *, tile: int = 128, block: Tuple[i
   if tuple(scale_inv.shape) != want:
     raise ValueError(f"fp8_matmul_quantized: scale_inv has shape {tuple(scale_inv.shape)}, expected {want} "
                      f"for w_fp8 {tuple(w_fp8.shape)} with block={block}")
-  if tile <= 0 or block[0] % tile or block[1] % tile:
-    raise ValueError(f"fp8_matmul_quantized: block={block} must be multiples of tile={tile}")
+  _check_tiles("fp8_matmul_quantized", tile, block)
   if simulate is None:
     simulate = not native_fp8_available()
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
