@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.analysis.flops import kv_cache_bytes_per_token
 from deepseek_jax.config import ModelConfig
 
 
@@ -50,19 +51,17 @@ def buffer_lengths(prompt_len: int, max_new_tokens: int, depth: int) -> tuple[in
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16, *, include_mtp: bool = False) -> int:
-  """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) per layer.
+  """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) per layer
+  (`analysis.flops.kv_cache_bytes_per_token`, kind 'mla').
 
   Args:
     cfg: the model.
     dtype: cache dtype.
     include_mtp: also count the MTP depths' caches (used by speculative decoding).
   """
-  layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-  return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * np.dtype(dtype).itemsize
+  return kv_cache_bytes_per_token(cfg, "mla", dtype=np.dtype(dtype).name, include_mtp=include_mtp)
 
 
 def mha_cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
-  """Bytes per token of a standard multi-head KV cache of the same model: per layer and head, a key of
-  qk_nope_head_dim + qk_rope_head_dim and a value of v_head_dim."""
-  per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-  return per_layer * cfg.num_hidden_layers * np.dtype(dtype).itemsize
+  """Bytes per token of a standard multi-head KV cache of the same model (kind 'mha')."""
+  return kv_cache_bytes_per_token(cfg, "mha", dtype=np.dtype(dtype).name)
