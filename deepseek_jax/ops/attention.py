@@ -6,10 +6,17 @@ is the query's own slot in the key sequence (arange(S) without a cache; its cach
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.ops.backend import resolve
+
+# Query rows per chunk of `causal_attention`: each chunk scores only the keys at or before its last row, so
+# the masked upper triangle is mostly skipped; at most this many chunks (the loop is unrolled).
+CAUSAL_CHUNK_ROWS = 64
+MAX_CAUSAL_CHUNKS = 8
 
 
 def slot_mask(q_slots, num_keys: int):
@@ -48,17 +55,91 @@ def mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_sl
   return out.transpose(0, 2, 1, 3).astype(q_nope.dtype)
 
 
+def _chunks(s: int):
+  """(start, end) query rows of each chunk of a length-s causal attention."""
+  n = max(1, min(MAX_CAUSAL_CHUNKS, s // CAUSAL_CHUNK_ROWS))
+  c = -(-s // n)
+  return [(a, min(s, a + c)) for a in range(0, s, c)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_heads_major(q, k, v, scale):
+  """Causal softmax(scale q k^T) v on heads-major q, k [B,H,S,K], v [B,H,S,V] -> fp32 [B,H,S,V]."""
+  return _causal_fwd(q, k, v, scale)[0]
+
+
+def _causal_fwd(q, k, v, scale):
+  # Transposed operands ([B,H,K,T]) are made explicitly, so that every product is a plain (NN) matmul.
+  t = lambda a: jnp.swapaxes(a, 2, 3)
+  outs, probs = [], []
+  for a, b in _chunks(q.shape[2]):
+    logits = jnp.einsum("BHSK,BHKT->BHST", q[:, :, a:b], t(k[:, :, :b]),
+                        preferred_element_type=jnp.float32) * scale
+    visible = jnp.arange(b, dtype=jnp.int32)[None, :] <= jnp.arange(a, b, dtype=jnp.int32)[:, None]
+    logits = jnp.where(visible, logits, -jnp.inf)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    p = e / jnp.sum(e, axis=-1, keepdims=True)
+    outs.append(jnp.einsum("BHST,BHTV->BHSV", p.astype(v.dtype), v[:, :, :b],
+                           preferred_element_type=jnp.float32))
+    probs.append(p)
+  out = jnp.concatenate(outs, axis=2)
+  return out, (q, k, v, out, probs)
+
+
+def _causal_bwd(scale, res, d_out):
+  q, k, v, out, probs = res
+  s = q.shape[2]
+  t = lambda a: jnp.swapaxes(a, 2, 3)
+  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)                     # [B,H,S,1]
+  dq = []
+  dkt = jnp.zeros(t(k).shape, jnp.float32)                                 # [B,H,K,S]
+  dvt = jnp.zeros(t(v).shape, jnp.float32)                                 # [B,H,V,S]
+  for (a, b), p in zip(_chunks(s), probs):
+    dp = jnp.einsum("BHSV,BHVT->BHST", d_out[:, :, a:b], t(v[:, :, :b]).astype(jnp.float32))
+    ds = p * (dp - delta[:, :, a:b]) * scale
+    dq.append(jnp.einsum("BHST,BHTK->BHSK", ds, k[:, :, :b].astype(jnp.float32)))
+    dkt = dkt.at[..., :b].add(jnp.einsum("BHKS,BHST->BHKT", t(q[:, :, a:b]).astype(jnp.float32), ds))
+    dvt = dvt.at[..., :b].add(jnp.einsum("BHVS,BHST->BHVT", t(d_out[:, :, a:b]), p))
+  return (jnp.concatenate(dq, axis=2).astype(q.dtype), jnp.swapaxes(dkt, 2, 3).astype(k.dtype),
+          jnp.swapaxes(dvt, 2, 3).astype(v.dtype))
+
+
+_causal_heads_major.defvjp(_causal_fwd, _causal_bwd)
+
+
+def causal_attention(q, k, v, *, scale: float):
+  """Plain causal attention (S == T) for XLA, the same values as `attention_reference` without q_slots.
+
+  Queries go in chunks of about `CAUSAL_CHUNK_ROWS` rows and each chunk scores only the keys up to its
+  last row, so about half of the masked triangle is never computed; the backward (a custom VJP from the
+  saved probabilities) is written as plain matmuls on explicitly transposed small operands, which XLA:CPU
+  runs far faster than the transposed-operand products autodiff produces.
+
+  Args:
+    q, k: [B, S, H, Dk]; v: [B, S, H, Dv].
+    scale: softmax scale.
+  Returns:
+    [B, S, H, Dv] in q's dtype.
+  """
+  if k.shape[1] != q.shape[1]:
+    raise ValueError(f"causal_attention needs as many keys as queries, got {q.shape} and {k.shape}")
+  heads = lambda a: a.transpose(0, 2, 1, 3)
+  out = _causal_heads_major(heads(q), heads(k), heads(v), float(scale))
+  return heads(out).astype(q.dtype)
+
+
 def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, impl: str = "auto"):
   """MLA's naive-path attention: q = [q_nope | q_pe] per head, k = [k_nope | k_pe] with k_pe shared.
 
-  The XLA path scores the two parts separately (no per-head copy of k_pe); the Pallas path concatenates
-  and runs `kernels.mla_attention.flash_attention` (qk dim Dn + Dr, value dim Dv).
+  Without a cache (q_slots None, S == T) the parts are concatenated (k_pe copied to every head) and run by
+  `attention`: the Pallas flash kernel or the chunked `causal_attention`.  With a cache the XLA reference
+  scores the two parts separately.
   """
   impl = resolve(impl, field="attention_impl")
-  if impl == "pallas" and q_slots is None and q_nope.shape[1] == k_nope.shape[1]:
+  if q_slots is None and q_nope.shape[1] == k_nope.shape[1]:
     k_pe_h = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (k_pe.shape[-1],))
     return attention(jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe_h], -1), v,
-                     scale=scale, impl="pallas")
+                     scale=scale, impl=impl)
   return mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_slots=q_slots)
 
 
@@ -78,4 +159,6 @@ def attention(q, k, v, *, scale: float, q_slots=None, impl: str = "auto"):
   if impl == "pallas" and q_slots is None and q.shape[1] == k.shape[1]:
     from kernels import mla_attention  # pylint: disable=g-import-not-at-top
     return mla_attention.flash_attention(q, k, v, causal=True, sm_scale=scale)
+  if q_slots is None and q.shape[1] == k.shape[1]:
+    return causal_attention(q, k, v, scale=scale)
   return attention_reference(q, k, v, scale=scale, q_slots=q_slots)
