@@ -107,10 +107,8 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
   slot_token, slot_valid, block_expert, assignment_slot, slot_assignment = layout
   xb = _to_slots(x, slot_token, slot_valid, assignment_slot, k).reshape(-1, block, x.shape[1])
-  # Per-block weights through a one-hot matmul rather than a gather: its transpose (the weight gradient
-  # summed over each expert's blocks) is then a matmul too, not a scatter-add.
   onehot = jax.nn.one_hot(block_expert, e, dtype=x.dtype)                  # [N, E]
-  per_block = lambda w: jnp.einsum("NE,EIO->NIO", onehot, w)
+  per_block = lambda w: _per_block(w, block_expert, onehot)
   yb = block_ffn(xb, per_block, w_gate, w_up, w_down).reshape(-1, x.shape[1])
   y = _from_slots(yb, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
@@ -147,6 +145,25 @@ def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: 
   y = _from_slots(ys, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
   out = jnp.einsum("TKD,TK->TD", y, (weights * kept.reshape(t, k)).astype(y.dtype))
   return out, 1.0 - jnp.mean(kept.astype(jnp.float32))
+
+
+# Each block's expert weights: a gather forward; the transpose (each expert's weight gradient summed over
+# its blocks) is a one-hot matmul rather than XLA's scatter-add, which is slow on CPU.
+@jax.custom_vjp
+def _per_block(w, block_expert, onehot):
+  """w [E, I, O] -> [N, I, O], block n getting w[block_expert[n]]."""
+  return jnp.take(w, block_expert, axis=0)
+
+
+def _per_block_fwd(w, block_expert, onehot):
+  return _per_block(w, block_expert, onehot), onehot
+
+
+def _per_block_bwd(onehot, g):
+  return jnp.einsum("NE,NIO->EIO", onehot, g).astype(g.dtype), None, None
+
+
+_per_block.defvjp(_per_block_fwd, _per_block_bwd)
 
 
 # Both directions of the slot permutation are gathers: the transpose of a gather by a (padded) permutation
