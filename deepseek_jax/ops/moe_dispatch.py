@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels.dispatch import combine, permute, sort_by_expert
+from kernels.dispatch import combine, permute, sort_by_expert, take_rows
 from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
@@ -54,7 +54,7 @@ def blocked_layout(idx, num_experts: int, block: int):
   """Slots of the blocked layout: each expert's rows padded to a multiple of `block`.
 
   Returns:
-    slot_token [P] token of each padded slot (0 for padding), slot_valid [P] bool, block_expert [P/block]
+    slot_token [P] token of each padded slot (T for padding), slot_valid [P] bool, block_expert [P/block]
     expert of each block, assignment_slot [T*K] the slot holding each flat (token, k) assignment, and
     slot_assignment [P] the flat assignment in each slot (0 for padding).
     P = ceil((T*K + E*(block-1)) / block) * block is static: no assignment is ever dropped.
@@ -70,7 +70,7 @@ def blocked_layout(idx, num_experts: int, block: int):
   padded_start = padded_end - padded
   sorted_expert = idx.reshape(-1)[order]
   sorted_slot = padded_start[sorted_expert] + jnp.arange(rows, dtype=jnp.int32) - group_start[sorted_expert]
-  slot_token = jnp.zeros((p,), jnp.int32).at[sorted_slot].set(order // k)
+  slot_token = jnp.full((p,), t, jnp.int32).at[sorted_slot].set(order // k)
   slot_valid = jnp.zeros((p,), bool).at[sorted_slot].set(True)
   block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks, dtype=jnp.int32) * block,
                                   side="right")
@@ -81,10 +81,45 @@ def blocked_layout(idx, num_experts: int, block: int):
 
 
 def swiglu_blocks(xb, per_block, w_gate, w_up, w_down):
-  """(silu(x Wg) * (x Wu)) Wd on blocks xb [N, B, D]; `per_block(w)` gives each block's weights [N, I, O]."""
-  h = (jax.nn.silu(jnp.einsum("NBD,NDF->NBF", xb, per_block(w_gate)))
-       * jnp.einsum("NBD,NDF->NBF", xb, per_block(w_up)))
-  return jnp.einsum("NBF,NFD->NBD", h, per_block(w_down))
+  """(silu(x Wg) * (x Wu)) Wd on blocks xb [N, B, D]; `per_block(w)` gives each block's weights [N, I, O].
+
+  The backward is `_block_swiglu`'s custom VJP.
+  """
+  return _block_swiglu(xb, per_block(w_gate), per_block(w_up), per_block(w_down))
+
+
+# A custom VJP so that every product is a plain or rhs-transposed batched matmul: autodiff writes the weight
+# gradients as lhs-transposed products (contracting the block rows of both operands), which XLA:CPU runs at
+# about half speed.  Here the block activations are transposed explicitly instead (small copies).
+@jax.custom_vjp
+def _block_swiglu(xb, w_gate, w_up, w_down):
+  """xb [N, B, D], w_gate / w_up [N, D, F], w_down [N, F, D] -> [N, B, D]."""
+  return _block_swiglu_fwd(xb, w_gate, w_up, w_down)[0]
+
+
+def _block_swiglu_fwd(xb, w_gate, w_up, w_down):
+  g = jnp.einsum("NBD,NDF->NBF", xb, w_gate)
+  u = jnp.einsum("NBD,NDF->NBF", xb, w_up)
+  y = jnp.einsum("NBF,NFD->NBD", (jax.nn.silu(g) * u).astype(xb.dtype), w_down)
+  return y, (xb, g, u, w_gate, w_up, w_down)
+
+
+def _block_swiglu_bwd(res, dy):
+  xb, g, u, w_gate, w_up, w_down = res
+  sig = jax.nn.sigmoid(g)
+  a = g * sig
+  t = lambda z: jnp.swapaxes(z, 1, 2)
+  d_down = jnp.einsum("NFB,NBD->NFD", t((a * u).astype(dy.dtype)), dy)
+  dh = jnp.einsum("NBD,NFD->NBF", dy, w_down)
+  dg = (dh * u * sig * (1 + g * (1 - sig))).astype(xb.dtype)
+  du = (dh * a).astype(xb.dtype)
+  xt = t(xb)
+  dxb = jnp.einsum("NBF,NDF->NBD", dg, w_gate) + jnp.einsum("NBF,NDF->NBD", du, w_up)
+  return (dxb, jnp.einsum("NDB,NBF->NDF", xt, dg).astype(w_gate.dtype),
+          jnp.einsum("NDB,NBF->NDF", xt, du).astype(w_up.dtype), d_down.astype(w_down.dtype))
+
+
+_block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 
 def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None,
@@ -134,7 +169,7 @@ def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: 
   p = e * cap + 1
   slot_assignment = jnp.zeros((p,), jnp.int32).at[slot].set(jnp.arange(t * k, dtype=jnp.int32))
   slot_valid = jnp.zeros((p,), bool).at[slot].set(kept)
-  slot_token = slot_assignment // k
+  slot_token = jnp.where(slot_valid, slot_assignment // k, t)
   assignment_slot = slot
   layout = jax.lax.stop_gradient((slot_token, slot_valid, assignment_slot, slot_assignment))
   slot_token, slot_valid, assignment_slot, slot_assignment = layout
@@ -152,7 +187,7 @@ def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: 
 @jax.custom_vjp
 def _per_block(w, block_expert, onehot):
   """w [E, I, O] -> [N, I, O], block n getting w[block_expert[n]]."""
-  return jnp.take(w, block_expert, axis=0)
+  return take_rows(w, block_expert)
 
 
 def _per_block_fwd(w, block_expert, onehot):
@@ -170,8 +205,9 @@ _per_block.defvjp(_per_block_fwd, _per_block_bwd)
 # is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _to_slots(x, slot_token, slot_valid, assignment_slot, k):
-  """x [T, D] -> [P, D]: row slot_token[p] in each valid slot, 0 in padding slots."""
-  return jnp.where(slot_valid[:, None], jnp.take(x, slot_token, axis=0), 0)
+  """x [T, D] -> [P, D]: row slot_token[p] in each valid slot, 0 in padding slots (slot_token T: a zero
+  row appended to x, so that the padding costs no separate select pass)."""
+  return take_rows(jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0), slot_token)
 
 
 def _to_slots_fwd(x, slot_token, slot_valid, assignment_slot, k):
@@ -182,7 +218,7 @@ def _to_slots_fwd(x, slot_token, slot_valid, assignment_slot, k):
 def _to_slots_bwd(k, res, g):
   slot_token, slot_valid, assignment_slot = res
   t = assignment_slot.shape[0] // k
-  dx = jnp.take(g, assignment_slot, axis=0).reshape(t, k, -1).sum(1)
+  dx = take_rows(g, assignment_slot).reshape(t, k, -1).sum(1)
   return dx, None, None, None
 
 
@@ -192,7 +228,7 @@ _to_slots.defvjp(_to_slots_fwd, _to_slots_bwd)
 @jax.custom_vjp
 def _from_slots(yb, assignment_slot, slot_assignment, slot_valid):
   """yb [P, D] -> [T*K, D]: the slot of each flat assignment."""
-  return jnp.take(yb, assignment_slot, axis=0)
+  return take_rows(yb, assignment_slot)
 
 
 def _from_slots_fwd(yb, assignment_slot, slot_assignment, slot_valid):
@@ -201,7 +237,7 @@ def _from_slots_fwd(yb, assignment_slot, slot_assignment, slot_valid):
 
 def _from_slots_bwd(res, g):
   slot_assignment, slot_valid = res
-  return jnp.where(slot_valid[:, None], jnp.take(g, slot_assignment, axis=0), 0), None, None, None
+  return jnp.where(slot_valid[:, None], take_rows(g, slot_assignment), 0), None, None, None
 
 
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
