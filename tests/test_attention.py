@@ -8,7 +8,7 @@ import pytest
 from deepseek_jax.ops import attention as attn
 
 
-def _inputs(s, dtype, heads=3, dk=24, dv=16, batch=2):
+def _inputs(s, dtype, heads=2, dk=24, dv=16, batch=2):
   ks = jax.random.split(jax.random.PRNGKey(s), 4)
   q = jax.random.normal(ks[0], (batch, s, heads, dk), dtype)
   k = jax.random.normal(ks[1], (batch, s, heads, dk), dtype)
@@ -17,7 +17,7 @@ def _inputs(s, dtype, heads=3, dk=24, dv=16, batch=2):
   return q, k, v, dout
 
 
-@pytest.mark.parametrize("s", [1, 7, 64, 130, 256, 600])
+@pytest.mark.parametrize("s", [1, 7, 130, 300])
 def test_causal_attention_matches_reference(s):
   q, k, v, dout = _inputs(s, jnp.float32)
   scale = 0.3
