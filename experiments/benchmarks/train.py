@@ -8,6 +8,7 @@ against the matmul peak measured in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -101,11 +102,18 @@ def run(flags) -> dict:
   train_flops = flops_tok.model if hasattr(flops_tok, "model") else float(flops_tok)
   peak = matmul_peak()
   ours, compile_s = _ours(cfg, batch, seq_len, runs)
+  remat = {}
+  for policy in [p for p in (getattr(flags, "remat", "") or "").split(",") if p and p != cfg.remat_policy]:
+    timing, compile_p = _ours(dataclasses.replace(cfg, remat_policy=policy), batch, seq_len, runs)
+    remat[policy] = dict(timing, tokens_per_s=tokens / timing["median_s"], compile_s=compile_p)
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
             "ours": dict(ours, tokens_per_s=tokens / ours["median_s"], compile_s=compile_s,
                          mfu=train_flops * tokens / ours["median_s"] / peak,
-                         moe_impl=cfg.moe_impl, attention_impl=cfg.attention_impl)}
+                         moe_impl=cfg.moe_impl, attention_impl=cfg.attention_impl,
+                         remat_policy=cfg.remat_policy)}
+  if remat:
+    result["remat"] = remat
   hf = _transformers(cfg, batch, seq_len, runs, threads) if jax.default_backend() == "cpu" else None
   if hf is not None:
     hf["tokens_per_s"] = tokens / hf["median_s"]
