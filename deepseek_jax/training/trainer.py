@@ -331,6 +331,17 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
   step = start_step
   stopped = "done"
   interval_tokens, interval_t0, measured_tokens, measured_time = 0, None, 0, 0.0
+  pending = None  # (step, bad_streak) of the newest step, read by the guard one step later
+
+  def guard(entry):
+    """Stops the run once max_bad_steps consecutive steps were skipped (saving the state first)."""
+    at, streak = entry[0], int(entry[1])
+    if streak and config.max_bad_steps and streak >= config.max_bad_steps:
+      save(step)
+      ckpt.wait()
+      raise TrainingDiverged(f"{streak} consecutive steps had a non-finite loss or gradient "
+                             f"(step {at}); checkpoint saved in {ckpt.directory}/{step}")
+
   try:
     with _signal_guard() as stop, sharding_lib.use_mesh(mesh):
       while step < steps:
@@ -338,8 +349,13 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
         local = batches.next_batch(bs)
         state, metrics = train_step(state, _global_batch(local, batch_sharding, bs))
         step += 1
-        bad_streak = int(metrics["bad_streak"])  # one host sync per step: the guard must see every step
+        # The guard reads the previous step's streak (cumulative, so no step goes unseen) while this one
+        # is already queued: the host never waits on the step it just dispatched.
+        previous, pending = pending, (step, metrics["bad_streak"])
+        if previous is not None:
+          guard(previous)
         if interval_t0 is None:  # the first step compiles: time from its end
+          jax.block_until_ready(metrics["bad_streak"])
           interval_t0, interval_tokens = time.time(), 0
         else:
           interval_tokens += bs * seq_len
@@ -369,16 +385,13 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
             interval_t0 += time.time() - t0  # evaluation time is not training throughput
         if progress is not None:
           progress.update(1)
-        if bad_streak and config.max_bad_steps and bad_streak >= config.max_bad_steps:
-          save(step)
-          ckpt.wait()
-          raise TrainingDiverged(f"{bad_streak} consecutive steps had a non-finite loss or gradient "
-                                 f"(step {step}); checkpoint saved in {ckpt.directory}/{step}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           save(step)
         if stop.is_set():
           stopped = "signal"
           break
+      if pending is not None:
+        guard(pending)
       save(step)
       ckpt.wait()
   finally:
