@@ -138,11 +138,7 @@ def fp8_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", ti
   """The routed experts' output [T, D] with FP8 (E4M3) expert GEMMs (see module docstring).
 
   Args:
-    x: [T, D] tokens in the compute dtype.
-    idx, weights: [T, K] expert ids and gate weights from the router.
-    w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'blocked' | 'xla' | 'pallas'); 'auto' is 'pallas' on
-      GPU and 'blocked' elsewhere.
+    x, idx, weights, w_gate, w_up, w_down, impl: as `deepseek_jax.ops.moe_dispatch.routed_experts`.
     tile: activation tile along the contraction (1 x tile).
     block: weight block (per expert).
 

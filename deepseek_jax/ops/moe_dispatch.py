@@ -141,9 +141,8 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   block = block or block_size_for(t * k, e)
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
   slot_token, slot_valid, block_expert, assignment_slot, slot_assignment = layout
-  xb = _to_slots(x, slot_token, slot_valid, assignment_slot, k).reshape(-1, block, x.shape[1])
-  onehot = jax.nn.one_hot(block_expert, e, dtype=x.dtype)                  # [N, E]
-  per_block = lambda w: _per_block(w, block_expert, onehot)
+  xb = _to_slots(x, slot_token, assignment_slot, k).reshape(-1, block, x.shape[1])
+  per_block = lambda w: _per_block(w, block_expert)
   yb = block_ffn(xb, per_block, w_gate, w_up, w_down).reshape(-1, x.shape[1])
   y = _from_slots(yb, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
@@ -173,7 +172,7 @@ def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: 
   assignment_slot = slot
   layout = jax.lax.stop_gradient((slot_token, slot_valid, assignment_slot, slot_assignment))
   slot_token, slot_valid, assignment_slot, slot_assignment = layout
-  xs = _to_slots(x, slot_token, slot_valid, assignment_slot, k)[:e * cap].reshape(e, cap, -1)
+  xs = _to_slots(x, slot_token, assignment_slot, k)[:e * cap].reshape(e, cap, -1)
   h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", xs, w_gate)) * jnp.einsum("ECD,EDF->ECF", xs, w_up)
   ys = jnp.einsum("ECF,EFD->ECD", h, w_down).reshape(e * cap, -1)
   ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[1]), ys.dtype)], axis=0)
@@ -185,17 +184,17 @@ def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: 
 # Each block's expert weights: a gather forward; the transpose (each expert's weight gradient summed over
 # its blocks) is a one-hot matmul rather than XLA's scatter-add, which is slow on CPU.
 @jax.custom_vjp
-def _per_block(w, block_expert, onehot):
+def _per_block(w, block_expert):
   """w [E, I, O] -> [N, I, O], block n getting w[block_expert[n]]."""
   return take_rows(w, block_expert)
 
 
-def _per_block_fwd(w, block_expert, onehot):
-  return _per_block(w, block_expert, onehot), onehot
+def _per_block_fwd(w, block_expert):
+  return _per_block(w, block_expert), jax.nn.one_hot(block_expert, w.shape[0], dtype=w.dtype)
 
 
 def _per_block_bwd(onehot, g):
-  return jnp.einsum("NE,NIO->EIO", onehot, g).astype(g.dtype), None, None
+  return jnp.einsum("NE,NIO->EIO", onehot, g).astype(g.dtype), None
 
 
 _per_block.defvjp(_per_block_fwd, _per_block_bwd)
@@ -203,23 +202,20 @@ _per_block.defvjp(_per_block_fwd, _per_block_bwd)
 
 # Both directions of the slot permutation are gathers: the transpose of a gather by a (padded) permutation
 # is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _to_slots(x, slot_token, slot_valid, assignment_slot, k):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _to_slots(x, slot_token, assignment_slot, k):
   """x [T, D] -> [P, D]: row slot_token[p] in each valid slot, 0 in padding slots (slot_token T: a zero
   row appended to x, so that the padding costs no separate select pass)."""
   return take_rows(jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0), slot_token)
 
 
-def _to_slots_fwd(x, slot_token, slot_valid, assignment_slot, k):
-  return _to_slots(x, slot_token, slot_valid, assignment_slot, k), (slot_token, slot_valid,
-                                                                    assignment_slot)
+def _to_slots_fwd(x, slot_token, assignment_slot, k):
+  return _to_slots(x, slot_token, assignment_slot, k), assignment_slot
 
 
-def _to_slots_bwd(k, res, g):
-  slot_token, slot_valid, assignment_slot = res
+def _to_slots_bwd(k, assignment_slot, g):
   t = assignment_slot.shape[0] // k
-  dx = take_rows(g, assignment_slot).reshape(t, k, -1).sum(1)
-  return dx, None, None, None
+  return take_rows(g, assignment_slot).reshape(t, k, -1).sum(1), None, None
 
 
 _to_slots.defvjp(_to_slots_fwd, _to_slots_bwd)
