@@ -83,43 +83,12 @@ def blocked_layout(idx, num_experts: int, block: int):
 def swiglu_blocks(xb, per_block, w_gate, w_up, w_down):
   """(silu(x Wg) * (x Wu)) Wd on blocks xb [N, B, D]; `per_block(w)` gives each block's weights [N, I, O].
 
-  The backward is `_block_swiglu`'s custom VJP.
+  Gate and up run as one product against [Wg | Wu] ([N, D, 2F]): one weight gather and one batched matmul
+  twice as wide, which XLA:CPU runs at close to twice the FLOP rate of two narrow ones.
   """
-  return _block_swiglu(xb, per_block(w_gate), per_block(w_up), per_block(w_down))
-
-
-# A custom VJP so that every product is a plain or rhs-transposed batched matmul: autodiff writes the weight
-# gradients as lhs-transposed products (contracting the block rows of both operands), which XLA:CPU runs at
-# about half speed.  Here the block activations are transposed explicitly instead (small copies).
-@jax.custom_vjp
-def _block_swiglu(xb, w_gate, w_up, w_down):
-  """xb [N, B, D], w_gate / w_up [N, D, F], w_down [N, F, D] -> [N, B, D]."""
-  return _block_swiglu_fwd(xb, w_gate, w_up, w_down)[0]
-
-
-def _block_swiglu_fwd(xb, w_gate, w_up, w_down):
-  g = jnp.einsum("NBD,NDF->NBF", xb, w_gate)
-  u = jnp.einsum("NBD,NDF->NBF", xb, w_up)
-  y = jnp.einsum("NBF,NFD->NBD", (jax.nn.silu(g) * u).astype(xb.dtype), w_down)
-  return y, (xb, g, u, w_gate, w_up, w_down)
-
-
-def _block_swiglu_bwd(res, dy):
-  xb, g, u, w_gate, w_up, w_down = res
-  sig = jax.nn.sigmoid(g)
-  a = g * sig
-  t = lambda z: jnp.swapaxes(z, 1, 2)
-  d_down = jnp.einsum("NFB,NBD->NFD", t((a * u).astype(dy.dtype)), dy)
-  dh = jnp.einsum("NBD,NFD->NBF", dy, w_down)
-  dg = (dh * u * sig * (1 + g * (1 - sig))).astype(xb.dtype)
-  du = (dh * a).astype(xb.dtype)
-  xt = t(xb)
-  dxb = jnp.einsum("NBF,NDF->NBD", dg, w_gate) + jnp.einsum("NBF,NDF->NBD", du, w_up)
-  return (dxb, jnp.einsum("NDB,NBF->NDF", xt, dg).astype(w_gate.dtype),
-          jnp.einsum("NDB,NBF->NDF", xt, du).astype(w_up.dtype), d_down.astype(w_down.dtype))
-
-
-_block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
+  gu = jnp.einsum("NBD,NDG->NBG", xb, per_block(jnp.concatenate([w_gate, w_up], axis=-1)))
+  g, u = jnp.split(gu, 2, axis=-1)
+  return jnp.einsum("NBF,NFD->NBD", (jax.nn.silu(g) * u).astype(xb.dtype), per_block(w_down))
 
 
 def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None,
