@@ -7,7 +7,7 @@ from deepseek_jax import interop
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig, RopeScaling
 from deepseek_jax.inference import generate
-from deepseek_jax.model import DeepSeekV3, ModelOutput, init_cache
+from deepseek_jax.model import DeepSeekV3, ModelOutput, init_cache, layer_runs, to_layer_layout
 
-__all__ = ["ModelConfig", "RopeScaling", "DeepSeekV3", "ModelOutput", "init_cache", "generate", "analysis",
-           "data", "inference", "interop", "sharding"]
+__all__ = ["ModelConfig", "RopeScaling", "DeepSeekV3", "ModelOutput", "init_cache", "layer_runs",
+           "to_layer_layout", "generate", "analysis", "data", "inference", "interop", "sharding"]

@@ -22,7 +22,7 @@ PRECISIONS = ("fp32", "bf16", "fp8")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields of ModelConfig that are implementation choices, not part of an HF config.json.
 NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
-                           "attention_impl", "moe_impl", "remat_policy"})
+                           "attention_impl", "moe_impl", "remat_policy", "scan_layers"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,9 @@ class ModelConfig:
                                           # every token) | blocked (sort, pad groups to blocks, batched
                                           # matmul) | xla (sort + jax.lax.ragged_dot) | pallas (sort + gmm)
   remat_policy: str = "none"              # activation checkpointing of each block (jax.checkpoint policy)
+  scan_layers: bool = False               # each run of identical blocks as one nn.scan: parameters stacked
+                                          # [layers, ...] under 'layers_{a}_to_{b}' (model.layer_runs), one
+                                          # block compiled per run (model.to_layer_layout converts)
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
@@ -198,8 +201,9 @@ class ModelConfig:
     if self.first_k_dense_replace > self.num_hidden_layers:
       raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} exceeds "
                        f"num_hidden_layers={self.num_hidden_layers}")
-    if not isinstance(self.fp8_weights, bool):
-      raise ValueError(f"fp8_weights={self.fp8_weights!r} must be a bool")
+    for name in ["fp8_weights", "scan_layers"]:
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
     if (not isinstance(self.fp8_weight_block, int) or isinstance(self.fp8_weight_block, bool)
         or self.fp8_weight_block <= 0):
       raise ValueError(f"fp8_weight_block={self.fp8_weight_block!r} must be a positive integer")

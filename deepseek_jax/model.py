@@ -12,7 +12,7 @@ parameter's logical axis names.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -23,7 +23,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear, dtype_of, normal_init
 from deepseek_jax.layers.mtp import MTPLayer
 from deepseek_jax.layers.norms import RMSNorm
-from deepseek_jax.layers.transformer import ACT, remat_block, zeros_like_cache
+from deepseek_jax.layers.transformer import ACT, remat_block, scan_layers, zeros_like_cache
 
 
 @flax.struct.dataclass
@@ -57,6 +57,52 @@ def _stack_stats(stats):
           jnp.stack([s["balance_loss"] for s in stats]))
 
 
+def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
+  """The main model's layers as maximal runs of one kind: (module name, start, stop, moe) per run.
+
+  With `cfg.scan_layers` each run is one `nn.scan` module named 'layers_{start}_to_{stop - 1}' whose
+  parameters carry a leading axis of stop - start layers (V3: 'layers_0_to_2' dense, 'layers_3_to_60' MoE).
+  """
+  runs: list[list] = []
+  for i in range(cfg.num_hidden_layers):
+    moe = cfg.is_moe_layer(i)
+    if runs and runs[-1][2] == moe:
+      runs[-1][1] = i + 1
+    else:
+      runs.append([i, i + 1, moe])
+  return [(f"layers_{a}_to_{b - 1}", a, b, moe) for a, b, moe in runs]
+
+
+def to_layer_layout(cfg: ModelConfig, variables: Mapping) -> dict:
+  """`variables` (any collections: 'params', 'router') in the layer layout `cfg` builds.
+
+  cfg.scan_layers: the per-layer subtrees 'layers_{i}' of each run are stacked into the run's scanned module
+  (`layer_runs`); otherwise scanned runs are split back into 'layers_{i}'.  Trees already in cfg's layout
+  pass through unchanged, so checkpoints and HF conversions (always per layer) load into either layout.
+  """
+  runs = layer_runs(cfg)
+
+  def convert(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    tree = dict(tree)
+    for name, a, b, _ in runs:
+      per_layer = [f"layers_{i}" for i in range(a, b)]
+      if cfg.scan_layers and all(k in tree for k in per_layer):
+        tree[name] = jax.tree.map(lambda *v: jnp.stack(v), *[tree.pop(k) for k in per_layer])
+      elif not cfg.scan_layers and name in tree:
+        stacked = tree.pop(name)
+        for j, k in enumerate(per_layer):
+          tree[k] = jax.tree.map(lambda v, j=j: v[j], stacked)
+    return tree
+
+  return {c: convert(t) for c, t in variables.items()}
+
+
+def _unstack(tree, n: int) -> list:
+  return [jax.tree.map(lambda v, j=j: v[j], tree) for j in range(n)]
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:
   """An empty latent KV cache for every layer and MTP depth: (kv_lora_rank + qk_rope_head_dim) numbers per
   token and layer."""
@@ -76,8 +122,12 @@ class DeepSeekV3(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
         embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range),
                                                     ("vocab", "embed")))
-    block = remat_block(cfg)
-    self.layers = [block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)]
+    if cfg.scan_layers:
+      for name, a, b, moe in layer_runs(cfg):
+        setattr(self, name, scan_layers(cfg, moe, b - a))
+    else:
+      block = remat_block(cfg)
+      self.layers = [block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = Linear(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), fp8=False)
@@ -110,11 +160,19 @@ class DeepSeekV3(nn.Module):
     positions = self._positions(tokens, positions, cache_start)
     x = nn.with_logical_constraint(self.embed_tokens(tokens), ACT)
     stats, new_cache = [], []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else cache[i]
-      x, layer_cache, st = layer(x, positions, layer_cache, cache_start, absorbed)
-      stats.append(st)
-      new_cache.append(layer_cache)
+    if cfg.scan_layers:
+      for name, a, b, _ in layer_runs(cfg):
+        # The per-layer caches of the run go in stacked along the scanned axis and come out split again.
+        run_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *cache[a:b])
+        x, (run_cache, st) = getattr(self, name)(x, positions, run_cache, cache_start, absorbed)
+        stats += [None] * (b - a) if st is None else _unstack(st, b - a)
+        new_cache += [None] * (b - a) if cache is None else _unstack(run_cache, b - a)
+    else:
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else cache[i]
+        x, layer_cache, st = layer(x, positions, layer_cache, cache_start, absorbed)
+        stats.append(st)
+        new_cache.append(layer_cache)
     h = self.norm(x)
     return h, self.head(h), stats, (None if cache is None else tuple(new_cache))
 

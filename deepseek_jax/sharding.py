@@ -49,6 +49,7 @@ LOGICAL_RULES: tuple = (
     ("expert_gate", None),
     ("mtp_concat", None),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned blocks (ModelConfig.scan_layers)
 )
 
 

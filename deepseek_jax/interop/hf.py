@@ -533,7 +533,8 @@ def save(path, cfg: ModelConfig, variables, *, fp8: bool = False, block_size=DEF
   Args:
     path: output directory; must not exist, or be empty (or overwrite=True).
     cfg: the model's config (written as config.json via cfg.to_hf()).
-    variables: {'params': ..., 'router': ...} as `init` / `load` make them (jax or NumPy arrays).
+    variables: {'params': ..., 'router': ...} as `init` / `load` make them (jax or NumPy arrays); scanned
+      layers (cfg.scan_layers) are written per layer.
     fp8: write the released FP8 layout: the linear weights the release quantizes as float8_e4m3fn with
       `weight_scale_inv` per block, embedding / head / norms / router gate / eh_proj as bf16, router bias
       fp32, and `quantization_config` in config.json.
@@ -548,6 +549,10 @@ def save(path, cfg: ModelConfig, variables, *, fp8: bool = False, block_size=DEF
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and os.listdir(path) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty (save(..., overwrite=True) replaces it)")
+  if cfg.scan_layers:  # HF checkpoints hold one tensor per layer
+    from deepseek_jax.model import to_layer_layout  # pylint: disable=g-import-not-at-top
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+    variables = to_layer_layout(cfg, variables)
   have = _check_variables(cfg, variables)
   block = tuple(int(b) for b in block_size)
   planned = _plan(cfg, have, fp8, block, dtype)

@@ -15,9 +15,16 @@ ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class DecoderLayer(nn.Module):
-  """input_layernorm -> self_attn (MLA) -> residual -> post_attention_layernorm -> mlp (dense or MoE)."""
+  """input_layernorm -> self_attn (MLA) -> residual -> post_attention_layernorm -> mlp (dense or MoE).
+
+  Attributes:
+    cfg: the model config.
+    moe: DeepSeekMoE (else the dense SwiGLU MLP).
+    scan_step: return `(x, (cache, stats))`, the (carry, outputs) form of a `nn.scan` body (`scan_layers`).
+  """
   cfg: ModelConfig
   moe: bool
+  scan_step: bool = False
 
   @nn.compact
   def __call__(self, x, positions, cache=None, cache_start=None, absorbed: bool = False):
@@ -35,8 +42,10 @@ class DecoderLayer(nn.Module):
       y, stats = MoE(cfg, name="mlp")(y)
     else:
       y = MLP(cfg, cfg.intermediate_size, name="mlp")(y)
-    x = x + y.astype(x.dtype)
-    return nn.with_logical_constraint(x, ACT), cache, stats
+    x = nn.with_logical_constraint(x + y.astype(x.dtype), ACT)
+    if self.scan_step:
+      return x, (cache, stats)
+    return x, cache, stats
 
 
 def remat_block(cfg: ModelConfig):
@@ -50,6 +59,20 @@ def remat_block(cfg: ModelConfig):
       "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   }[cfg.remat_policy]
   return nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
+
+
+def scan_layers(cfg: ModelConfig, moe: bool, length: int):
+  """`length` identical decoder blocks as one `nn.scan` (their parameters stacked along a leading 'layers'
+  axis): one traced and compiled block instead of `length`.
+
+  Call as `module(x, positions, caches, cache_start, absorbed)` with `caches` the per-layer caches stacked
+  along axis 0 (or None); returns `(x, (caches, stats))`, stats stacked along axis 0 (None for dense blocks).
+  """
+  scanned = nn.scan(remat_block(cfg), variable_axes={"params": 0, "router": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=length,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(cfg, moe=moe, scan_step=True)
 
 
 def zeros_like_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:

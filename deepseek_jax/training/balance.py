@@ -6,7 +6,8 @@ loads counted over the whole global batch (every microbatch, every data shard).
 
 The model reports `tokens_per_expert` [L_moe, E] with the main MoE layers in order and then the MTP blocks;
 `variables['router']` holds the biases under the same layers, which `bias_paths` lists in that order
-(`layers_{i}` by numeric i, then `mtp_{k}`).
+(`layers_{i}` by numeric i, then `mtp_{k}`); a scanned run `layers_{a}_to_{b}` (ModelConfig.scan_layers)
+holds b - a + 1 stacked biases [n, E], the rows of layers a..b.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ BIAS_NAME = "e_score_correction_bias"
 
 def _layer_key(path: tuple) -> tuple:
   top = path[0]
-  m = re.fullmatch(r"(layers|mtp)_(\d+)", top)
+  m = re.fullmatch(r"(layers|mtp)_(\d+)(?:_to_\d+)?", top)
   if m is None:
-    raise ValueError(f"router state path {'/'.join(path)} is not under layers_<i> or mtp_<k>")
+    raise ValueError(f"router state path {'/'.join(path)} is not under layers_<i>, layers_<a>_to_<b> or "
+                     "mtp_<k>")
   return (0 if m.group(1) == "layers" else 1, int(m.group(2)))
 
 
@@ -52,14 +54,18 @@ def update_bias(router, tokens_per_expert, gamma):
   paths = bias_paths(router)
   if not paths:
     return router
-  if tokens_per_expert.shape[0] != len(paths):
-    raise ValueError(f"tokens_per_expert has {tokens_per_expert.shape[0]} rows but the router state holds "
-                     f"{len(paths)} biases")
   flat = dict(traverse_util.flatten_dict(router))
+  rows = [1 if flat[p].ndim == 1 else flat[p].shape[0] for p in paths]  # stacked [n, E] when scanned
+  if tokens_per_expert.shape[0] != sum(rows):
+    raise ValueError(f"tokens_per_expert has {tokens_per_expert.shape[0]} rows but the router state holds "
+                     f"{sum(rows)} biases")
   load = tokens_per_expert.astype(jnp.float32)
   step = jnp.sign(load.mean(axis=-1, keepdims=True) - load) * jnp.asarray(gamma, jnp.float32)
-  for row, path in enumerate(paths):
-    flat[path] = (flat[path].astype(jnp.float32) + step[row]).astype(flat[path].dtype)
+  row = 0
+  for path, n in zip(paths, rows):
+    delta = step[row] if flat[path].ndim == 1 else step[row:row + n]
+    flat[path] = (flat[path].astype(jnp.float32) + delta).astype(flat[path].dtype)
+    row += n
   return traverse_util.unflatten_dict(flat)
 
 

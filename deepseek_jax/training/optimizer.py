@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -124,8 +125,15 @@ class Schedules:
     return max(size // quantum * quantum, quantum)
 
 
+def _layer_rank(path: tuple, leaf) -> int:
+  """Rank of one layer's parameter: scanned runs ('layers_{a}_to_{b}', ModelConfig.scan_layers) stack
+  their layers along a leading axis that does not count."""
+  return leaf.ndim - 1 if re.fullmatch(r"layers_\d+_to_\d+", str(path[0])) else leaf.ndim
+
+
 def decay_mask(params, decay_embeddings: bool = False):
-  """True for parameters that get weight decay: arrays of rank >= 2, the embedding only if asked.
+  """True for parameters that get weight decay: arrays of rank >= 2 (per layer, for scanned layers), the
+  embedding only if asked.
 
   Args:
     params: the parameter pytree (nested dicts).
@@ -134,7 +142,8 @@ def decay_mask(params, decay_embeddings: bool = False):
     A pytree of bools with the structure of params.
   """
   flat = traverse_util.flatten_dict(params)
-  mask = {k: (v.ndim >= 2 and (decay_embeddings or "embed_tokens" not in k)) for k, v in flat.items()}
+  mask = {k: (_layer_rank(k, v) >= 2 and (decay_embeddings or "embed_tokens" not in k))
+          for k, v in flat.items()}
   return traverse_util.unflatten_dict(mask)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from deepseek_jax import distributed
 from deepseek_jax import sharding as sharding_lib
-from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.model import DeepSeekV3, to_layer_layout
 from deepseek_jax.training.checkpoint import Checkpointer
 from deepseek_jax.training.config import model_config
 from deepseek_jax.training.errors import UserError
@@ -95,7 +95,7 @@ def _signal_guard():
   return guard()
 
 
-def load_init_variables(path: str, abstract_variables: dict, mesh=None) -> dict:
+def load_init_variables(path: str, abstract_variables: dict, mesh=None, cfg=None) -> dict:
   """Variables {'params', 'router'} of a converted checkpoint, checked against the model's shapes.
 
   Uses `deepseek_jax.interop` when it offers an orbax loader (`load_orbax(path, mesh=) -> (cfg, variables)`);
@@ -106,6 +106,7 @@ def load_init_variables(path: str, abstract_variables: dict, mesh=None) -> dict:
     abstract_variables: the model's variables as ShapeDtypeStructs (from `jax.eval_shape(model.init, ...)`).
     mesh: restore straight onto this mesh, laid out by the logical-axis rules (every process reads only its
       shards); None: the default device.
+    cfg: the model's ModelConfig: per-layer checkpoints are stacked for `scan_layers` (`to_layer_layout`).
   Returns:
     The variables, cast to the model's dtypes.
   Raises:
@@ -126,6 +127,8 @@ def load_init_variables(path: str, abstract_variables: dict, mesh=None) -> dict:
   variables = {"params": variables.get("params"), "router": variables.get("router", {}) or {}}
   if variables["params"] is None:
     raise UserError(f"--init_from={path}: the checkpoint holds no 'params'")
+  if cfg is not None:
+    variables = to_layer_layout(cfg, variables)
   want = jax.tree_util.tree_structure(abstract_variables)
   got = jax.tree_util.tree_structure(variables)
   if want != got:
@@ -298,7 +301,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
   if restored is None and init_from:
     # Outside the ambient mesh: orbax places each array on the mesh's NamedShardings itself.
     abstract_vars = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)), rng)
-    variables = load_init_variables(init_from, abstract_vars, mesh=mesh)
+    variables = load_init_variables(init_from, abstract_vars, mesh=mesh, cfg=model.cfg)
   with sharding_lib.use_mesh(mesh):
     data_state = None
     if restored is not None:
