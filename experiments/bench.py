@@ -27,6 +27,7 @@ flags.DEFINE_integer("batch", 0, "Global batch in sequences for the train suite 
 flags.DEFINE_integer("seq_len", 0, "Sequence length for the train suite (0: 256).")
 flags.DEFINE_string("remat", "", "Train suite: also time our step under these remat policies, e.g. "
                     "'full,dots'.")
+flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")
 FLAGS = flags.FLAGS

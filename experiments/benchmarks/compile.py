@@ -1,14 +1,18 @@
 """`--suite=compile`: trace, lower and compile time of the train step with abstract inputs.
 
 Nothing is allocated: the state comes from `jax.eval_shape` of init + optimizer, the batch is a
-ShapeDtypeStruct, so the V3-shaped model (671B parameters) lowers on a laptop.  The layers are unrolled, so
-trace / lower / compile time grows linearly in depth; the suite measures the preset at a few depths
-(`--compile_layers`, default first_k_dense + 1 and twice that) and at full depth for tracing + lowering,
-and extrapolates compile time to full depth from the per-layer slope.
+ShapeDtypeStruct, so the V3-shaped model (671B parameters) lowers on a laptop.  Both layer layouts run in
+the same process:
+- unrolled (the default): trace / lower / compile time grows linearly in depth, so the suite compiles the
+  preset at a few depths (`--compile_layers`, default first_k_dense + 1 and twice that), lowers it at full
+  depth, and extrapolates compile time to full depth from the per-layer slope;
+- scanned (`ModelConfig.scan_layers`): one block per run of identical layers, compiled at the same depths
+  and at full depth.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -50,30 +54,49 @@ def time_compile(cfg, batch: int, seq_len: int, compile_too: bool = True) -> dic
   return out
 
 
+def _depth_rows(base, preset, depths, batch, seq_len, label):
+  rows = []
+  for layers in depths:
+    cfg = bench_config(preset, num_hidden_layers=layers, scan_layers=base.scan_layers,
+                       first_k_dense_replace=min(base.first_k_dense_replace, layers - 1))
+    rows.append(time_compile(cfg, batch, seq_len))
+    print(f"[compile] {preset} {label} {layers} layers: {rows[-1]}", flush=True)
+  return rows
+
+
+def _slope(rows, full_layers) -> dict:
+  if len(rows) < 2:
+    return {}
+  x = np.array([r["layers"] for r in rows], float)
+  y = np.array([r["compile_s"] for r in rows], float)
+  slope, intercept = np.polyfit(x, y, 1)
+  return {"compile_s_per_layer": float(slope),
+          "compile_s_full_depth_extrapolated": float(intercept + slope * full_layers)}
+
+
 def run(flags) -> dict:
   """Runs the suite; see the module docstring."""
   preset = getattr(flags, "preset", "") or "deepseek-v3"
   batch = getattr(flags, "batch", 0) or 1
   seq_len = getattr(flags, "seq_len", 0) or 512
-  base = bench_config(preset)
+  base = bench_config(preset, scan_layers=False)
   depths = [int(d) for d in (getattr(flags, "compile_layers", "") or "").split(",") if d]
   if not depths:
     first = base.first_k_dense_replace
     depths = [first + 1, 2 * (first + 1)]
-  rows = []
-  for layers in depths:
-    cfg = bench_config(preset, num_hidden_layers=layers,
-                       first_k_dense_replace=min(base.first_k_dense_replace, layers - 1))
-    rows.append(time_compile(cfg, batch, seq_len))
-    print(f"[compile] {preset} {layers} layers: {rows[-1]}", flush=True)
+  rows = _depth_rows(base, preset, depths, batch, seq_len, "unrolled")
   full = time_compile(base, batch, seq_len, compile_too=False)
-  print(f"[compile] {preset} {base.num_hidden_layers} layers (lower only): {full}", flush=True)
+  print(f"[compile] {preset} unrolled {base.num_hidden_layers} layers (lower only): {full}", flush=True)
   result = {"suite": "compile", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
-            "rows": rows, "full_depth": full}
-  if len(rows) >= 2:
-    x = np.array([r["layers"] for r in rows], float)
-    y = np.array([r["compile_s"] for r in rows], float)
-    slope, intercept = np.polyfit(x, y, 1)
-    result["compile_s_per_layer"] = float(slope)
-    result["compile_s_full_depth_extrapolated"] = float(intercept + slope * base.num_hidden_layers)
+            "rows": rows, "full_depth": full, **_slope(rows, base.num_hidden_layers)}
+  scanned = dataclasses.replace(base, scan_layers=True)
+  scan_rows = _depth_rows(scanned, preset, depths, batch, seq_len, "scanned")
+  scan_full = time_compile(scanned, batch, seq_len)
+  print(f"[compile] {preset} scanned {base.num_hidden_layers} layers: {scan_full}", flush=True)
+  result["scan_layers"] = {"rows": scan_rows, "full_depth": scan_full,
+                           **_slope(scan_rows, base.num_hidden_layers)}
+  if "compile_s_full_depth_extrapolated" in result:
+    unrolled_total = result["compile_s_full_depth_extrapolated"] + full["lower_s"]
+    result["scan_layers"]["full_depth_speedup"] = unrolled_total / (scan_full["lower_s"]
+                                                                     + scan_full["compile_s"])
   return result

@@ -3,7 +3,9 @@
 Both run the same config, batch and thread count in one process: ours is the library's train step
 (AdamW, clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW. MFU counts
 the model's matmul FLOPs (`analysis.train_flops_per_token`, full attention since both compute it masked)
-against the matmul peak measured in the same run.
+against the matmul peak measured in the same run.  Every contender (ours, our step under the `--remat`
+policies and `--scan_layers`, transformers) is compiled and warmed up first and then timed in interleaved
+rounds, one step of each per round, so that a slow phase of a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import DeepSeekV3
@@ -20,10 +21,11 @@ from deepseek_jax.analysis.flops import train_flops_per_token
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
-from experiments.benchmarks.common import bench_config, machine, matmul_peak, time_fn
+from experiments.benchmarks.common import bench_config, machine, matmul_peak
 
 
-def _ours(cfg, batch, seq_len, runs):
+def _ours(cfg, batch, seq_len):
+  """(one blocked train step of ours as a thunk, compile + first-step seconds)."""
   model = DeepSeekV3(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, cfg.vocab_size)
   data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -33,14 +35,13 @@ def _ours(cfg, batch, seq_len, runs):
   step = make_train_step(model, tx, schedules, alpha=1e-4, donate=False)
   state = create_state(variables, tx, jax.random.PRNGKey(1))
   t0 = time.perf_counter()
-  state1, _ = step(state, data)
-  jax.block_until_ready(state1)
+  jax.block_until_ready(step(state, data))
   compile_s = time.perf_counter() - t0
-  timing = time_fn(lambda s: step(s, data)[1]["loss"], state, runs=runs)
-  return timing, compile_s
+  return (lambda: jax.block_until_ready(step(state, data)[1]["loss"])), compile_s
 
 
-def _transformers(cfg, batch, seq_len, runs, threads):
+def _transformers(cfg, batch, seq_len, threads):
+  """(one train step of transformers' DeepseekV3ForCausalLM as a thunk, info), or None without torch."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
@@ -71,21 +72,31 @@ def _transformers(cfg, batch, seq_len, runs, threads):
     return float(loss)
 
   step()
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
   a = torch.randn(2048, 2048)
   torch.mm(a, a)
   t0 = time.perf_counter()
   for _ in range(3):
     torch.mm(a, a)
   torch_peak = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": runs,
-          "experts_implementation": getattr(config, "_experts_implementation", None),
-          "torch_matmul_peak_flops": torch_peak, "transformers": transformers.__version__,
-          "torch": torch.__version__}
+  return step, {"experts_implementation": getattr(config, "_experts_implementation", None),
+                "torch_matmul_peak_flops": torch_peak, "transformers": transformers.__version__,
+                "torch": torch.__version__}
+
+
+def interleaved(thunks: dict, runs: int) -> dict:
+  """Wall seconds of each thunk over `runs` rounds that call every thunk once, in turn.
+
+  Returns:
+    {name: {'median_s', 'min_s', 'runs'}}.
+  """
+  times = {name: [] for name in thunks}
+  for _ in range(runs):
+    for name, fn in thunks.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "runs": runs}
+          for name, t in times.items()}
 
 
 def run(flags) -> dict:
@@ -101,23 +112,37 @@ def run(flags) -> dict:
   flops_tok = train_flops_per_token(cfg, seq_len, causal=False)
   train_flops = flops_tok.model if hasattr(flops_tok, "model") else float(flops_tok)
   peak = matmul_peak()
-  ours, compile_s = _ours(cfg, batch, seq_len, runs)
-  remat = {}
-  for policy in [p for p in (getattr(flags, "remat", "") or "").split(",") if p and p != cfg.remat_policy]:
-    timing, compile_p = _ours(dataclasses.replace(cfg, remat_policy=policy), batch, seq_len, runs)
-    remat[policy] = dict(timing, tokens_per_s=tokens / timing["median_s"], compile_s=compile_p)
+  thunks, compile_s = {}, {}
+  thunks["ours"], compile_s["ours"] = _ours(cfg, batch, seq_len)
+  variants = {f"remat:{p}": dataclasses.replace(cfg, remat_policy=p)
+              for p in (getattr(flags, "remat", "") or "").split(",") if p and p != cfg.remat_policy}
+  if getattr(flags, "scan_layers", False) and not cfg.scan_layers:
+    variants["scan_layers"] = dataclasses.replace(cfg, scan_layers=True)
+  for name, variant in variants.items():
+    thunks[name], compile_s[name] = _ours(variant, batch, seq_len)
+  hf = _transformers(cfg, batch, seq_len, threads) if jax.default_backend() == "cpu" else None
+  if hf is not None:
+    thunks["transformers"], hf_info = hf
+  timed = interleaved(thunks, runs)
+  ours = timed["ours"]
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
-            "ours": dict(ours, tokens_per_s=tokens / ours["median_s"], compile_s=compile_s,
+            "ours": dict(ours, tokens_per_s=tokens / ours["median_s"], compile_s=compile_s["ours"],
                          mfu=train_flops * tokens / ours["median_s"] / peak,
                          moe_impl=cfg.moe_impl, attention_impl=cfg.attention_impl,
                          remat_policy=cfg.remat_policy)}
+  remat = {name.split(":", 1)[1]: dict(timed[name], tokens_per_s=tokens / timed[name]["median_s"],
+                                       compile_s=compile_s[name])
+           for name in variants if name.startswith("remat:")}
   if remat:
     result["remat"] = remat
-  hf = _transformers(cfg, batch, seq_len, runs, threads) if jax.default_backend() == "cpu" else None
+  if "scan_layers" in variants:
+    t = timed["scan_layers"]
+    result["scan_layers"] = dict(t, tokens_per_s=tokens / t["median_s"], compile_s=compile_s["scan_layers"],
+                                 vs_unrolled=ours["median_s"] / t["median_s"])
   if hf is not None:
-    hf["tokens_per_s"] = tokens / hf["median_s"]
-    hf["mfu"] = train_flops * tokens / hf["median_s"] / peak
-    result["transformers"] = hf
-    result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / hf["tokens_per_s"]
+    result["transformers"] = dict(timed["transformers"], **hf_info,
+                                  tokens_per_s=tokens / timed["transformers"]["median_s"],
+                                  mfu=train_flops * tokens / timed["transformers"]["median_s"] / peak)
+    result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
   return result
