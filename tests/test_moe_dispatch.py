@@ -50,8 +50,14 @@ def test_dispatch_against_numpy(impl, block, skew):
 
 def test_block_size_heuristic():
   assert moe_dispatch.block_size_for(8192, 16) == 128
-  assert moe_dispatch.block_size_for(100, 16) == 8
-  assert moe_dispatch.block_size_for(2048 * 8, 256) == 16
+  assert moe_dispatch.block_size_for(4096, 64) == 128      # up to 2x padding is still faster on CPU
+  assert moe_dispatch.block_size_for(2048 * 8, 256) == 128  # padding bound 256 x 127 <= 8 x rows
+  assert moe_dispatch.block_size_for(40, 4) == 64          # one block holds every row
+  assert moe_dispatch.block_size_for(100, 16) == 32        # 16 x 31 <= 800 < 16 x 63
+  assert moe_dispatch.block_size_for(64, 256) == 8         # decoding 8 tokens x top-8 over 256 experts
+  for rows, e in [(1, 1), (7, 3), (100, 16), (8192, 256), (10 ** 6, 8)]:
+    b = moe_dispatch.block_size_for(rows, e)
+    assert 8 <= b <= 128 and b & (b - 1) == 0
 
 
 def test_capacity_experts_drops_exactly_the_overflow():
