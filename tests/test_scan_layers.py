@@ -22,8 +22,12 @@ SCFG = dataclasses.replace(CFG, scan_layers=True)
 @pytest.fixture(scope="module")
 def variables():
   tokens = jnp.zeros((1, 8), jnp.int32)
-  v = DeepSeekV3(CFG).init(jax.random.PRNGKey(0), tokens)
+  v = jax.jit(DeepSeekV3(CFG).init)(jax.random.PRNGKey(0), tokens)
   return v, to_layer_layout(SCFG, v)
+
+
+def _apply(cfg, **static):
+  return jax.jit(lambda v, tokens, **kw: DeepSeekV3(cfg).apply(v, tokens, **kw, **static))
 
 
 def _tokens(shape, seed=1):
@@ -47,7 +51,7 @@ def test_layer_runs():
 
 def test_layout_matches_scanned_init_and_round_trips(variables):
   v, sv = variables
-  scanned_init = DeepSeekV3(SCFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  scanned_init = jax.eval_shape(DeepSeekV3(SCFG).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   assert jax.tree.structure(sv) == jax.tree.structure(scanned_init)
   assert jax.tree.map(jnp.shape, sv) == jax.tree.map(jnp.shape, scanned_init)
   assert sv["params"]["layers_1_to_2"]["mlp"]["experts"]["gate_proj"].shape[0] == 2
@@ -61,8 +65,8 @@ def test_layout_matches_scanned_init_and_round_trips(variables):
 def test_forward_and_statistics_match(variables):
   v, sv = variables
   tokens = _tokens((2, 12))
-  a = DeepSeekV3(CFG).apply(v, tokens)
-  b = DeepSeekV3(SCFG).apply(sv, tokens)
+  a = _apply(CFG)(v, tokens)
+  b = _apply(SCFG)(sv, tokens)
   np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
   for x, y in zip(b.mtp_logits, a.mtp_logits):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
@@ -75,14 +79,14 @@ def test_cached_prefill_and_absorbed_decode_match(variables):
   tokens = _tokens((2, 10))
   start = jnp.array([0, 3], jnp.int32)
   cache = init_cache(CFG, 2, 16, jnp.float32)
-  a = DeepSeekV3(CFG).apply(v, tokens, cache=cache, cache_start=start)
-  b = DeepSeekV3(SCFG).apply(sv, tokens, cache=cache, cache_start=start)
+  a = _apply(CFG)(v, tokens, cache=cache, cache_start=start)
+  b = _apply(SCFG)(sv, tokens, cache=cache, cache_start=start)
   np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
   assert jax.tree.structure(b.cache) == jax.tree.structure(a.cache)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), b.cache, a.cache)
   nxt = _tokens((2, 1), seed=2)
-  a2 = DeepSeekV3(CFG).apply(v, nxt, cache=a.cache, cache_start=start + 10, absorbed=True)
-  b2 = DeepSeekV3(SCFG).apply(sv, nxt, cache=b.cache, cache_start=start + 10, absorbed=True)
+  a2 = _apply(CFG, absorbed=True)(v, nxt, cache=a.cache, cache_start=start + 10)
+  b2 = _apply(SCFG, absorbed=True)(sv, nxt, cache=b.cache, cache_start=start + 10)
   np.testing.assert_allclose(b2.logits, a2.logits, rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +97,7 @@ def test_gradients_match(variables):
   def grads(cfg, var):
     loss = lambda p: jnp.mean(DeepSeekV3(cfg).apply({"params": p, "router": var["router"]}, tokens)
                               .logits ** 2)
-    return jax.grad(loss)(var["params"])
+    return jax.jit(jax.grad(loss))(var["params"])
 
   ga = grads(CFG, v)
   gb = to_layer_layout(CFG, {"params": grads(SCFG, sv)})["params"]
@@ -131,15 +135,14 @@ def test_stacked_bias_update_matches_per_layer(variables):
     balance.update_bias(sv["router"], load[:2], 0.01)
 
 
-def test_logical_axes_and_shardings():
+def test_logical_axes_and_shardings(variables):
   tokens = jnp.zeros((1, 1), jnp.int32)
   axes = sharding.logical_axes(DeepSeekV3(SCFG), tokens)
   expert_axes = axes["params"]["layers_1_to_2"]["mlp"]["experts"]["gate_proj"]
   assert tuple(expert_axes)[0] == "layers" and "expert" in tuple(expert_axes)
   mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
   shardings = sharding.variable_shardings(DeepSeekV3(SCFG), mesh, tokens)
-  assert jax.tree.structure(shardings["params"]) == jax.tree.structure(
-      to_layer_layout(SCFG, DeepSeekV3(CFG).init(jax.random.PRNGKey(0), tokens))["params"])
+  assert jax.tree.structure(shardings["params"]) == jax.tree.structure(variables[1]["params"])
 
 
 def test_hf_save_of_scanned_variables_is_per_layer(tmp_path, variables):
