@@ -29,7 +29,7 @@ from jax import lax
 from kernels.dispatch import combine, permute, sort_by_expert
 from deepseek_jax.layers import fp8
 from deepseek_jax.ops import moe_dispatch
-from deepseek_jax.ops.backend import on_gpu, resolve
+from deepseek_jax.ops.backend import on_gpu, resolve, vary_like
 
 _HI = lax.Precision.HIGHEST
 
@@ -146,7 +146,8 @@ def fp8_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", ti
     [T, D] in x's dtype.
   """
   f32 = jnp.float32
-  wg, wu, wd = (fp8.fake_quant_blockwise(w.astype(f32), block) for w in (w_gate, w_up, w_down))
+  wg, wu, wd = (vary_like(fp8.fake_quant_blockwise(w.astype(f32), block), x)  # (inside expert parallelism)
+                for w in (w_gate, w_up, w_down))
   xq = fp8.fake_quant_act(x.astype(f32), tile)
   weights = weights.astype(f32)
   if impl == "dense":

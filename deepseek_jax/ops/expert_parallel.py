@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.dispatch import combine, permute, sort_by_expert
-from deepseek_jax.ops.backend import resolve
+from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 EXPERT_AXIS = "expert"
@@ -146,13 +146,23 @@ def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets,
   return output.at[dst.reshape(-1)].set(recv.reshape((-1,) + recv.shape[2:]), mode="drop")
 
 
-def _expert_ffn(xs, group_sizes, w_gate, w_up, w_down, impl):
-  h = (jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, impl=impl))
-       * grouped_matmul(xs, w_up, group_sizes, impl=impl))
-  return grouped_matmul(h.astype(xs.dtype), w_down, group_sizes, impl=impl)
+def _expert_ffn(xs, group_sizes, w_gate, w_up, w_down, impl, precision):
+  """Rows sorted by local expert (group_sizes of each, then padding rows) through their experts' FFN."""
+  if impl in ("xla", "pallas") and precision != "fp8":
+    h = (jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, impl=impl))
+         * grouped_matmul(xs, w_up, group_sizes, impl=impl))
+    return grouped_matmul(h.astype(xs.dtype), w_down, group_sizes, impl=impl)
+  # The blocked layout or the FP8 recipe: one assignment of weight 1 per row (0 for the padding rows).
+  from deepseek_jax.ops import moe_dispatch  # pylint: disable=g-import-not-at-top
+  rows = jnp.arange(xs.shape[0], dtype=jnp.int32)
+  ends = jnp.cumsum(group_sizes)
+  expert = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), w_gate.shape[0] - 1)
+  weight = (rows < ends[-1]).astype(jnp.float32)
+  return moe_dispatch.local_routed_experts(xs, expert[:, None].astype(jnp.int32), weight[:, None], w_gate,
+                                           w_up, w_down, impl=impl, precision=precision)
 
 
-def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl,
+def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl, precision,
                     collective, capacity_factor):
   """Per-device body when tokens are split over 'expert' (steps 1-5 of the module docstring)."""
   t, k = idx.shape
@@ -200,7 +210,7 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
 
   # 3. local grouped matmuls over the received rows sorted by local expert (empty slots sort last).
   l_order, l_sizes, l_inverse = sort_by_expert(local_ids[:, None], num_experts=e_local)
-  ys = _expert_ffn(permute(x_slots, l_order, 1), l_sizes, w_gate, w_up, w_down, impl)
+  ys = _expert_ffn(permute(x_slots, l_order, 1), l_sizes, w_gate, w_up, w_down, impl, precision)
   y_slots = jnp.take(ys, l_inverse, axis=0)                               # [ep * cap, D]
 
   # 4. return every row to its source, at its sorted position there.
@@ -224,7 +234,8 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
   return y, dropped
 
 
-def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl):
+def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl,
+                      precision):
   """Per-device body when tokens are replicated over 'expert': local experts only, summed over 'expert'."""
   e_local = w_gate.shape[0]
   me = jax.lax.axis_index(EXPERT_AXIS)
@@ -232,12 +243,13 @@ def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hid
   mine = (local >= 0) & (local < e_local)
   order, group_sizes, inverse = sort_by_expert(jnp.where(mine, local, e_local),
                                                num_experts=e_local)
-  ys = _expert_ffn(permute(x, order, idx.shape[1]), group_sizes, w_gate, w_up, w_down, impl)
+  ys = _expert_ffn(permute(x, order, idx.shape[1]), group_sizes, w_gate, w_up, w_down, impl, precision)
   y = combine(ys, inverse, jnp.where(mine, weights, 0))
   return jax.lax.psum(y, (EXPERT_AXIS,) + tuple(hidden_axes)), jnp.zeros((), jnp.int32)
 
 
-def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", mesh=None,
+def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
+                            precision: str = "fp32", mesh=None,
                             rules: Optional[Sequence] = None, collective: str = "auto",
                             capacity_factor: Optional[float] = None, return_dropped: bool = False):
   """The routed experts' output with the experts split over the 'expert' mesh axis (see module docstring).
@@ -249,7 +261,10 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: grouped matmul implementation ('auto' | 'xla' | 'pallas'; 'dense' runs as 'xla').
+    impl: local expert computation: 'auto' ('pallas' on GPU, 'blocked' elsewhere) | 'blocked' | 'xla' |
+      'pallas'; 'dense' runs as 'xla'.
+    precision: `ModelConfig.precision`; 'fp8' runs each device's expert GEMMs with the FP8 recipe of
+      `deepseek_jax.layers.fp8_experts` (blocked layout on CPU, sorted grouped GEMMs on GPU).
     mesh: the mesh (Mesh or AbstractMesh); default the ambient one (`jax.set_mesh`).
     rules: logical-axis rules; default the active `nn.logical_axis_rules`, else `sharding.LOGICAL_RULES`.
     collective: 'auto' (ragged all-to-all on GPU / TPU, padded elsewhere) | 'ragged' | 'padded' |
@@ -276,7 +291,12 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     raise ValueError(f"capacity_factor={capacity_factor!r} must be positive or None")
   if collective == "auto":
     collective = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
-  impl = "xla" if impl == "dense" else resolve(impl, field="moe_impl")
+  if impl == "dense":
+    impl = "xla"
+  elif impl == "blocked" or (impl == "auto" and not on_gpu()):
+    impl = "blocked"
+  else:
+    impl = resolve(impl, field="moe_impl")
   rules = _rules() if rules is None else tuple(rules)
   t = x.shape[0]
   token_axes = _token_axes(mesh, rules, t)
@@ -289,11 +309,11 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
   def body(x, idx, weights, w_gate, w_up, w_down):
     if split:
       y, dropped = _local_dispatch(x, idx, weights, w_gate, w_up, w_down, num_experts=num_experts,
-                                   hidden_axes=hidden_axes, impl=impl, collective=collective,
-                                   capacity_factor=capacity_factor)
+                                   hidden_axes=hidden_axes, impl=impl, precision=precision,
+                                   collective=collective, capacity_factor=capacity_factor)
     else:
       y, dropped = _local_replicated(x, idx, weights, w_gate, w_up, w_down, num_experts=num_experts,
-                                     hidden_axes=hidden_axes, impl=impl)
+                                     hidden_axes=hidden_axes, impl=impl, precision=precision)
     if token_axes:
       dropped = jax.lax.psum(dropped, token_axes)
     return y, dropped.astype(jnp.float32)

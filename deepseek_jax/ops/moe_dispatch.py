@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.dispatch import combine, permute, sort_by_expert, take_rows
-from deepseek_jax.ops.backend import on_gpu, resolve
+from deepseek_jax.ops.backend import on_gpu, resolve, vary_like
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 
@@ -116,6 +116,7 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   e = w_gate.shape[0]
   t, k = idx.shape
   block = block or block_size_for(t * k, e)
+  w_gate, w_up, w_down = (vary_like(w, x) for w in (w_gate, w_up, w_down))  # per-device part of EP
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
   slot_token, slot_valid, block_expert, assignment_slot, slot_assignment = layout
   xb = _to_slots(x, slot_token, assignment_slot, k).reshape(-1, block, x.shape[1])
@@ -219,6 +220,9 @@ _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
+  Under a mesh with an 'expert' axis of size > 1 the experts are split over it
+  (`deepseek_jax.ops.expert_parallel`); otherwise `local_routed_experts`.
+
   Args:
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights from the router.
@@ -228,12 +232,19 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
       (`deepseek_jax.layers.fp8_experts`).
   """
+  from deepseek_jax.ops import expert_parallel  # pylint: disable=g-import-not-at-top
+  if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
+    return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl,
+                                                   precision=precision)
+  return local_routed_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl, precision=precision)
+
+
+def local_routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
+                         precision: str = "fp32"):
+  """`routed_experts` with every expert on this device (also each device's part of expert parallelism)."""
   if precision == "fp8":
     from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
     return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
-  from deepseek_jax.ops import expert_parallel  # pylint: disable=g-import-not-at-top
-  if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
-    return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
   if impl == "dense":
     return dense_experts(x, idx, weights, w_gate, w_up, w_down)
   if impl == "blocked" or (impl == "auto" and not on_gpu()):

@@ -48,6 +48,8 @@ def main():
            ("fsdp2_expert2_tensor2", dict(data=1, fsdp=2, expert=2, tensor=2), "padded", "xla"),
            ("fsdp2_expert2_tensor2", dict(data=1, fsdp=2, expert=2, tensor=2), "ragged_emulated", "xla"),
            ("expert8", dict(data=1, expert=8), "padded", "xla"),
+           ("data2_fsdp2_expert2", dict(data=2, fsdp=2, expert=2), "padded", "blocked"),
+           ("fsdp2_expert2_tensor2", dict(data=1, fsdp=2, expert=2, tensor=2), "padded", "blocked"),
            ("expert4_tensor2_pallas", dict(data=1, expert=4, tensor=2), "padded", "pallas")]
   for name, shape, coll, impl in cases:
     f = lambda x, idx, w, wg, wu, wd, c=coll, i=impl: ep.expert_parallel_experts(
@@ -67,6 +69,21 @@ def main():
   out["routed_experts_uses_all_to_all"] = "all_to_all" in jaxpr
   out["routed_experts_split"] = rel(y_split, ref)
   out["routed_experts_replicated"] = rel(y_rep, ref[:3])
+
+  # FP8 expert GEMMs under expert parallelism against the single-device FP8 recipe (same quantization of
+  # x, h and the per-expert weight blocks; the wgrad tiles along tokens group the rows differently).
+  fp8 = lambda *a: routed_experts(*a, precision="fp8")
+  loss_x = lambda f: (lambda x, w, wd: jnp.sum(jnp.sin(f(x, idx, w, wg, wu, wd))))
+  y8_ref = jax.jit(fp8)(x, idx, w, wg, wu, wd)
+  g8_ref = jax.jit(jax.grad(loss_x(fp8), argnums=(0, 1, 2)))(x, w, wd)
+  for name, shape in [("fp8/data2_fsdp2_expert2", dict(data=2, fsdp=2, expert=2)),
+                      ("fp8/expert8_replicated", dict(data=1, expert=8))]:
+    n = 3 if name.endswith("replicated") else T
+    with jax.set_mesh(make_mesh(**shape)):
+      y8 = jax.jit(fp8)(x[:n], idx[:n], w[:n], wg, wu, wd)
+      g8 = jax.jit(jax.grad(loss_x(fp8), argnums=(0, 1, 2)))(x, w, wd) if n == T else g8_ref
+    out[name] = {"fwd": rel(y8, y8_ref[:n]), "dx": rel(g8[0], g8_ref[0]), "dw": rel(g8[1], g8_ref[1]),
+                 "dw_down": rel(g8[2], g8_ref[2]), "quantization": rel(y8_ref, ref)}
 
   # Opt-in capacity: 1.0 x the balanced share per (source, destination); numpy reference of what is kept.
   with jax.set_mesh(mesh):
