@@ -110,26 +110,30 @@ def _sorted(xq, idx, weights, wg, wu, wd, tile, impl):
   xs = permute(xq, order, k)
   tile_ids, num_tiles = _token_tile_ids(group_sizes, xs.shape[0], tile)
 
-  def gmm(a, w):
+  def gmm(a, w, sizes):
     if impl == "pallas":
       from kernels import grouped_matmul as gm  # pylint: disable=g-import-not-at-top
-      return gm.gmm(a, w, group_sizes)
-    return lax.ragged_dot(a, w, group_sizes.astype(jnp.int32), precision=_HI)
+      return gm.gmm(a, w, sizes)
+    return lax.ragged_dot(a, w, sizes.astype(jnp.int32), precision=_HI)
 
+  # The group sizes and tile ids are explicit (integer, non-differentiable) arguments: a custom VJP may
+  # not close over traced values, which under shard_map (expert parallelism) would leak.
   @jax.custom_vjp
-  def mm(a, w):
-    return gmm(a, w)
+  def mm_op(a, w, sizes, ids):
+    del ids
+    return gmm(a, w, sizes)
 
-  def mm_fwd(a, w):
-    return gmm(a, w), (a, w)
+  def mm_fwd(a, w, sizes, ids):
+    return gmm(a, w, sizes), (a, w, sizes, ids)
 
   def mm_bwd(res, g):
-    a, w = res
-    da = gmm(fp8.fake_quant_act(g, tile), jnp.swapaxes(w, 1, 2))
-    _, w_vjp = jax.vjp(lambda w_: gmm(_qdq_token_tiles(a, tile_ids, num_tiles), w_), w)
-    return da, w_vjp(_qdq_token_tiles(g, tile_ids, num_tiles))[0]
+    a, w, sizes, ids = res
+    da = gmm(fp8.fake_quant_act(g, tile), jnp.swapaxes(w, 1, 2), sizes)
+    _, w_vjp = jax.vjp(lambda w_: gmm(_qdq_token_tiles(a, ids, num_tiles), w_, sizes), w)
+    return da, w_vjp(_qdq_token_tiles(g, ids, num_tiles))[0], None, None
 
-  mm.defvjp(mm_fwd, mm_bwd)
+  mm_op.defvjp(mm_fwd, mm_bwd)
+  mm = lambda a, w: mm_op(a, w, group_sizes, tile_ids)
   return combine(_gemm_ffn(xs, mm, wg, wu, wd, tile), inverse, weights)
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.dispatch import combine, permute, sort_by_expert
-from deepseek_jax.ops.backend import on_gpu, resolve
+from deepseek_jax.ops.backend import resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 EXPERT_AXIS = "expert"
@@ -147,19 +147,18 @@ def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets,
 
 
 def _expert_ffn(xs, group_sizes, w_gate, w_up, w_down, impl, precision):
-  """Rows sorted by local expert (group_sizes of each, then padding rows) through their experts' FFN."""
-  if impl in ("xla", "pallas") and precision != "fp8":
-    h = (jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, impl=impl))
-         * grouped_matmul(xs, w_up, group_sizes, impl=impl))
-    return grouped_matmul(h.astype(xs.dtype), w_down, group_sizes, impl=impl)
-  # The blocked layout or the FP8 recipe: one assignment of weight 1 per row (0 for the padding rows).
-  from deepseek_jax.ops import moe_dispatch  # pylint: disable=g-import-not-at-top
-  rows = jnp.arange(xs.shape[0], dtype=jnp.int32)
-  ends = jnp.cumsum(group_sizes)
-  expert = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), w_gate.shape[0] - 1)
-  weight = (rows < ends[-1]).astype(jnp.float32)
-  return moe_dispatch.local_routed_experts(xs, expert[:, None].astype(jnp.int32), weight[:, None], w_gate,
-                                           w_up, w_down, impl=impl, precision=precision)
+  """Rows sorted by local expert (group_sizes of each, then empty rows, whose output is 0)."""
+  if precision == "fp8":
+    # The FP8 recipe on the same grouped layout, one assignment of weight 1 per row: the empty rows get the
+    # out-of-range expert id E_local, which the recipe's sort leaves out of every group.
+    from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
+    rows = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right").astype(jnp.int32)
+    weight = (expert < w_gate.shape[0]).astype(jnp.float32)
+    return fp8_experts(xs, expert[:, None], weight[:, None], w_gate, w_up, w_down, impl=impl)
+  h = (jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, impl=impl))
+       * grouped_matmul(xs, w_up, group_sizes, impl=impl))
+  return grouped_matmul(h.astype(xs.dtype), w_down, group_sizes, impl=impl)
 
 
 def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl, precision,
@@ -261,10 +260,10 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: local expert computation: 'auto' ('pallas' on GPU, 'blocked' elsewhere) | 'blocked' | 'xla' |
-      'pallas'; 'dense' runs as 'xla'.
-    precision: `ModelConfig.precision`; 'fp8' runs each device's expert GEMMs with the FP8 recipe of
-      `deepseek_jax.layers.fp8_experts` (blocked layout on CPU, sorted grouped GEMMs on GPU).
+    impl: grouped matmul of each device's expert-sorted rows: 'auto' ('pallas' on GPU, 'xla' elsewhere) |
+      'xla' | 'pallas'; 'dense' and 'blocked' (layouts of the single-device path) run as 'xla'.
+    precision: `ModelConfig.precision`; 'fp8' runs those grouped GEMMs with the FP8 recipe of
+      `deepseek_jax.layers.fp8_experts`.
     mesh: the mesh (Mesh or AbstractMesh); default the ambient one (`jax.set_mesh`).
     rules: logical-axis rules; default the active `nn.logical_axis_rules`, else `sharding.LOGICAL_RULES`.
     collective: 'auto' (ragged all-to-all on GPU / TPU, padded elsewhere) | 'ragged' | 'padded' |
@@ -291,12 +290,7 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     raise ValueError(f"capacity_factor={capacity_factor!r} must be positive or None")
   if collective == "auto":
     collective = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
-  if impl == "dense":
-    impl = "xla"
-  elif impl == "blocked" or (impl == "auto" and not on_gpu()):
-    impl = "blocked"
-  else:
-    impl = resolve(impl, field="moe_impl")
+  impl = "xla" if impl in ("dense", "blocked") else resolve(impl, field="moe_impl")
   rules = _rules() if rules is None else tuple(rules)
   t = x.shape[0]
   token_axes = _token_axes(mesh, rules, t)

@@ -221,7 +221,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
   Under a mesh with an 'expert' axis of size > 1 the experts are split over it
-  (`deepseek_jax.ops.expert_parallel`); otherwise `local_routed_experts`.
+  (`deepseek_jax.ops.expert_parallel`, which also runs the FP8 recipe).
 
   Args:
     x: [T, D] tokens in the compute dtype.
@@ -236,12 +236,6 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
   if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
     return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl,
                                                    precision=precision)
-  return local_routed_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl, precision=precision)
-
-
-def local_routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
-                         precision: str = "fp32"):
-  """`routed_experts` with every expert on this device (also each device's part of expert parallelism)."""
   if precision == "fp8":
     from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
     return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
