@@ -89,14 +89,16 @@ def to_layer_layout(cfg: ModelConfig, variables: Mapping) -> dict:
     for name, a, b, _ in runs:
       per_layer = [f"layers_{i}" for i in range(a, b)]
       if cfg.scan_layers and all(k in tree for k in per_layer):
-        tree[name] = jax.tree.map(lambda *v: jnp.stack(v), *[tree.pop(k) for k in per_layer])
+        tree[name] = _stack([tree.pop(k) for k in per_layer])
       elif not cfg.scan_layers and name in tree:
-        stacked = tree.pop(name)
-        for j, k in enumerate(per_layer):
-          tree[k] = jax.tree.map(lambda v, j=j: v[j], stacked)
+        tree.update(zip(per_layer, _unstack(tree.pop(name), b - a)))
     return tree
 
   return {c: convert(t) for c, t in variables.items()}
+
+
+def _stack(trees) -> Any:
+  return jax.tree.map(lambda *v: jnp.stack(v), *trees)
 
 
 def _unstack(tree, n: int) -> list:
@@ -163,7 +165,7 @@ class DeepSeekV3(nn.Module):
     if cfg.scan_layers:
       for name, a, b, _ in layer_runs(cfg):
         # The per-layer caches of the run go in stacked along the scanned axis and come out split again.
-        run_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *cache[a:b])
+        run_cache = None if cache is None else _stack(cache[a:b])
         x, (run_cache, st) = getattr(self, name)(x, positions, run_cache, cache_start, absorbed)
         stats += [None] * (b - a) if st is None else _unstack(st, b - a)
         new_cache += [None] * (b - a) if cache is None else _unstack(run_cache, b - a)

@@ -116,7 +116,8 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   e = w_gate.shape[0]
   t, k = idx.shape
   block = block or block_size_for(t * k, e)
-  w_gate, w_up, w_down = (vary_like(w, x) for w in (w_gate, w_up, w_down))  # per-device part of EP
+  # Inside a shard_map the custom VJPs below need the weights typed as varying like the tokens.
+  w_gate, w_up, w_down = (vary_like(w, x) for w in (w_gate, w_up, w_down))
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
   slot_token, slot_valid, block_expert, assignment_slot, slot_assignment = layout
   xb = _to_slots(x, slot_token, assignment_slot, k).reshape(-1, block, x.shape[1])
