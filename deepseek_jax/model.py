@@ -107,9 +107,19 @@ def _unstack(tree, n: int) -> list:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:
   """An empty latent KV cache for every layer and MTP depth: (kv_lora_rank + qk_rope_head_dim) numbers per
-  token and layer."""
-  return {"layers": tuple(zeros_like_cache(cfg, batch, length, dtype)
-                          for _ in range(cfg.num_hidden_layers)),
+  token and layer.
+
+  'layers' is a tuple of per-layer {'c_kv', 'k_pe'}; with `cfg.scan_layers` it is a dict from each run's
+  module name (`layer_runs`) to that run's caches stacked along a leading layer axis, the layout the scanned
+  layers read and write in place (the model also accepts the per-layer tuple there, at the cost of a stack
+  and a split per call).
+  """
+  if cfg.scan_layers:
+    layers = {name: zeros_like_cache(cfg, batch, length, dtype, layers=b - a)
+              for name, a, b, _ in layer_runs(cfg)}
+  else:
+    layers = tuple(zeros_like_cache(cfg, batch, length, dtype) for _ in range(cfg.num_hidden_layers))
+  return {"layers": layers,
           "mtp": tuple(zeros_like_cache(cfg, batch, length, dtype)
                        for _ in range(cfg.num_nextn_predict_layers))}
 
@@ -163,20 +173,35 @@ class DeepSeekV3(nn.Module):
     x = nn.with_logical_constraint(self.embed_tokens(tokens), ACT)
     stats, new_cache = [], []
     if cfg.scan_layers:
+      # Caches of a run stacked along the scanned axis ({run name: stacked}); a per-layer tuple is stacked
+      # going in and split coming out.
+      per_layer = cache is not None and not isinstance(cache, Mapping)
+      run_caches = {}
       for name, a, b, _ in layer_runs(cfg):
-        # The per-layer caches of the run go in stacked along the scanned axis and come out split again.
-        run_cache = None if cache is None else _stack(cache[a:b])
-        x, (run_cache, st) = getattr(self, name)(x, positions, run_cache, cache_start, absorbed)
+        run_cache = None if cache is None else (_stack(cache[a:b]) if per_layer else cache[name])
+        if run_cache is not None:
+          run_cache = dict(run_cache, layer=jnp.zeros((), jnp.int32))
+        (x, run_cache), st = getattr(self, name)((x, run_cache), positions, None, cache_start, absorbed)
         stats += [None] * (b - a) if st is None else _unstack(st, b - a)
-        new_cache += [None] * (b - a) if cache is None else _unstack(run_cache, b - a)
+        if run_cache is not None:
+          run_cache = {k: v for k, v in run_cache.items() if k != "layer"}
+        run_caches[name] = run_cache
+        new_cache += _unstack(run_cache, b - a) if per_layer else []
+      if cache is not None and not per_layer:
+        new_cache = run_caches
     else:
+      if isinstance(cache, Mapping):
+        raise ValueError("a cache stacked per run of layers ({run name: caches}) is the scan_layers layout; "
+                         "this model is not scanned: pass init_cache(cfg, ...) of its own config")
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else cache[i]
         x, layer_cache, st = layer(x, positions, layer_cache, cache_start, absorbed)
         stats.append(st)
         new_cache.append(layer_cache)
     h = self.norm(x)
-    return h, self.head(h), stats, (None if cache is None else tuple(new_cache))
+    if cache is not None and not isinstance(new_cache, Mapping):
+      new_cache = tuple(new_cache)
+    return h, self.head(h), stats, (None if cache is None else new_cache)
 
   def mtp_depth(self, k: int, h_prev, next_tokens, positions, *, cache=None, cache_start=None,
                 absorbed: bool = False):
@@ -194,7 +219,8 @@ class DeepSeekV3(nn.Module):
     Args:
       tokens: int32 [B, S].
       positions: optional int32 [B, S] rope positions (default arange(S), or cache_start + arange(S)).
-      cache: optional latent cache from `init_cache` ({'layers': ..., 'mtp': ...}); new latents are written
+      cache: optional latent cache from `init_cache` ({'layers': ..., 'mtp': ...}; a scanned model also takes
+        the per-layer 'layers' tuple and returns that layout); new latents are written
         at slots cache_start[b] + i and attention sees slots up to each query's own.
       cache_start: int32 [B], first slot written (required with a cache).
       absorbed: run attention in the latent space (the decoding path).

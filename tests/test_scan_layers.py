@@ -156,3 +156,37 @@ def test_hf_save_of_scanned_variables_is_per_layer(tmp_path, variables):
 def test_scan_layers_must_be_bool():
   with pytest.raises(ValueError, match="scan_layers"):
     dataclasses.replace(CFG, scan_layers="yes")
+
+
+def test_native_stacked_cache_matches_per_layer_cache(variables):
+  v, sv = variables
+  cache = init_cache(SCFG, 2, 16, jnp.float32)
+  assert set(cache["layers"]) == {"layers_0_to_0", "layers_1_to_2"}
+  assert cache["layers"]["layers_1_to_2"]["c_kv"].shape == (2, 2, 16, CFG.kv_lora_rank)
+  tokens = _tokens((2, 10))
+  start = jnp.array([0, 3], jnp.int32)
+  a = _apply(CFG)(v, tokens, cache=init_cache(CFG, 2, 16, jnp.float32), cache_start=start)
+  b = _apply(SCFG)(sv, tokens, cache=cache, cache_start=start)
+  np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(b.cache) == jax.tree.structure(cache)
+  for name, lo, hi, _ in layer_runs(CFG):
+    for j, i in enumerate(range(lo, hi)):
+      jax.tree.map(lambda x, y, j=j: np.testing.assert_allclose(x[j], y, rtol=1e-5, atol=1e-6),
+                   b.cache["layers"][name], a.cache["layers"][i])
+  nxt = _tokens((2, 1), seed=2)
+  a2 = _apply(CFG, absorbed=True)(v, nxt, cache=a.cache, cache_start=start + 10)
+  b2 = _apply(SCFG, absorbed=True)(sv, nxt, cache=b.cache, cache_start=start + 10)
+  np.testing.assert_allclose(b2.logits, a2.logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="scan_layers layout"):
+    DeepSeekV3(CFG).apply(v, nxt, cache=b.cache, cache_start=start + 10)
+
+
+def test_generate_with_scanned_layers(variables):
+  v, sv = variables
+  prompt = _tokens((2, 6), seed=4)
+  want = dsj.generate(DeepSeekV3(CFG), v, prompt, max_new_tokens=5, prompt_lengths=[6, 4])
+  got = dsj.generate(DeepSeekV3(SCFG), sv, prompt, max_new_tokens=5, prompt_lengths=[6, 4])
+  np.testing.assert_array_equal(got, want)
+  spec = dsj.generate(DeepSeekV3(SCFG), sv, prompt, max_new_tokens=5, prompt_lengths=[6, 4],
+                                speculative=True)
+  np.testing.assert_array_equal(spec, want)

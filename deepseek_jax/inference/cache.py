@@ -1,6 +1,7 @@
 """Latent KV cache bookkeeping: sizes, and per-row reads / writes at each row's own offset.
 
-The cache itself is `deepseek_jax.init_cache` ({'layers': per layer {'c_kv', 'k_pe'}, 'mtp': per MTP depth});
+The cache itself is `deepseek_jax.init_cache` ({'layers': per layer {'c_kv', 'k_pe'} (with scan_layers: per
+run of layers, stacked), 'mtp': per MTP depth});
 every row of a batch advances independently, so the helpers here slice and update along the sequence axis
 at a per-row start.  `jax.lax.dynamic_slice` clamps out-of-range starts (a silent shift), so the buffers are
 sized with room for every write the decode loops make (`buffer_lengths`).

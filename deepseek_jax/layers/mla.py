@@ -36,12 +36,32 @@ LATENT_NORM_EPS = 1e-6
 def write_cache(cache: dict, c_kv, k_pe, start):
   """Writes S new latents per row at slots start[b] .. start[b] + S - 1 of the cache.
 
-  Callers keep start[b] + S <= T: `dynamic_update_slice` clamps a write that would run past the end.
+  A cache with a 'layer' entry holds a whole run of scanned layers ([L, B, T, ...]); the write goes to
+  that layer in place.  Callers keep start[b] + S <= T: `dynamic_update_slice` clamps a write that would
+  run past the end.
   """
-  def put(buf, new, s):
-    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (s, 0))
-  return {"c_kv": jax.vmap(put)(cache["c_kv"], c_kv, start),
-          "k_pe": jax.vmap(put)(cache["k_pe"], k_pe, start)}
+  layer = cache.get("layer")
+  if layer is None:
+    def put(buf, new, s):
+      return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (s, 0))
+    write = jax.vmap(put)
+  else:
+    # One scatter of the B x S new rows into [L, B, T, D] (a vmap over the batch axis would transpose the
+    # whole buffer); starts clamped as dynamic_update_slice clamps them.
+    def write(buf, new, s):
+      b, n = new.shape[:2]
+      s = jnp.clip(s.astype(jnp.int32), 0, buf.shape[2] - n)
+      rows = (jnp.arange(b, dtype=jnp.int32)[:, None], s[:, None] + jnp.arange(n, dtype=jnp.int32)[None])
+      return buf.at[(layer,) + rows].set(new.astype(buf.dtype), mode="promise_in_bounds")
+  return dict(cache, c_kv=write(cache["c_kv"], c_kv, start), k_pe=write(cache["k_pe"], k_pe, start))
+
+
+def read_cache(cache: dict) -> tuple:
+  """(c_kv [B,T,Dc], k_pe [B,T,Dr]) of the cache's layer (see `write_cache`)."""
+  layer = cache.get("layer")
+  if layer is None:
+    return cache["c_kv"], cache["k_pe"]
+  return tuple(jax.lax.dynamic_index_in_dim(cache[k], layer, 0, keepdims=False) for k in ("c_kv", "k_pe"))
 
 
 class MLA(nn.Module):
@@ -108,7 +128,7 @@ class MLA(nn.Module):
       if cache_start is None:
         raise ValueError("MLA: cache_start [B] is required with a cache")
       cache = write_cache(cache, c_kv, k_pe, cache_start)
-      c_kv, k_pe = cache["c_kv"].astype(dtype), cache["k_pe"].astype(dtype)
+      c_kv, k_pe = (a.astype(dtype) for a in read_cache(cache))
       s = x.shape[1]
       q_slots = cache_start[:, None].astype(jnp.int32) + jnp.arange(s, dtype=jnp.int32)[None]
     if absorbed:

@@ -20,7 +20,9 @@ class DecoderLayer(nn.Module):
   Attributes:
     cfg: the model config.
     moe: DeepSeekMoE (else the dense SwiGLU MLP).
-    scan_step: return `(x, (cache, stats))`, the (carry, outputs) form of a `nn.scan` body (`scan_layers`).
+    scan_step: the `nn.scan` body form (`scan_layers`): x is the carry `(x, cache)`, with cache None or the
+      run's stacked caches plus a 'layer' index (this layer's, advanced by one on return); returns
+      `((x, cache), stats)`.
   """
   cfg: ModelConfig
   moe: bool
@@ -30,6 +32,8 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, positions, cache=None, cache_start=None, absorbed: bool = False):
     """Returns (x [B,S,D], updated cache or None, router statistics or None)."""
     cfg = self.cfg
+    if self.scan_step:
+      x, cache = x
     x = nn.with_logical_constraint(x, ACT)
     h, cache = MLA(cfg, name="self_attn")(
         RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x),
@@ -44,7 +48,9 @@ class DecoderLayer(nn.Module):
       y = MLP(cfg, cfg.intermediate_size, name="mlp")(y)
     x = nn.with_logical_constraint(x + y.astype(x.dtype), ACT)
     if self.scan_step:
-      return x, (cache, stats)
+      if cache is not None:
+        cache = dict(cache, layer=cache["layer"] + 1)
+      return (x, cache), stats
     return x, cache, stats
 
 
@@ -65,17 +71,22 @@ def scan_layers(cfg: ModelConfig, moe: bool, length: int):
   """`length` identical decoder blocks as one `nn.scan` (their parameters stacked along a leading 'layers'
   axis): one traced and compiled block instead of `length`.
 
-  Call as `module(x, positions, caches, cache_start, absorbed)` with `caches` the per-layer caches stacked
-  along axis 0 (or None); returns `(x, (caches, stats))`, stats stacked along axis 0 (None for dense blocks).
+  Call as `module((x, caches), positions, None, cache_start, absorbed)` with `caches` None or the run's
+  per-layer caches stacked along axis 0 plus {'layer': 0}: the caches travel in the loop carry, so each
+  layer writes its new latents in place; returns `((x, caches), stats)`, stats stacked along axis 0 (None
+  for dense blocks).
   """
   scanned = nn.scan(remat_block(cfg), variable_axes={"params": 0, "router": 0},
                     split_rngs={"params": True},
-                    in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=length,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=length,
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return scanned(cfg, moe=moe, scan_step=True)
 
 
-def zeros_like_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:
-  """An empty latent cache of one layer: c_kv [B,T,Dc] and k_pe [B,T,Dr]."""
-  return {"c_kv": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
-          "k_pe": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
+def zeros_like_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16, *,
+                     layers: int | None = None) -> dict:
+  """An empty latent cache of one layer: c_kv [B,T,Dc] and k_pe [B,T,Dr] (with `layers`, that many stacked
+  along a leading axis: [L,B,T,Dc], [L,B,T,Dr])."""
+  lead = () if layers is None else (layers,)
+  return {"c_kv": jnp.zeros(lead + (batch, length, cfg.kv_lora_rank), dtype),
+          "k_pe": jnp.zeros(lead + (batch, length, cfg.qk_rope_head_dim), dtype)}
