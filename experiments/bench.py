@@ -16,15 +16,18 @@ SUITES = {
     "train": "experiments.benchmarks.train",
     "moe": "experiments.benchmarks.moe",
     "compile": "experiments.benchmarks.compile",
+    "decode": "experiments.benchmarks.decode",
 }
 
 flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")
 flags.DEFINE_string("json", "", "Also write the result JSON to this path.")
 flags.DEFINE_bool("small", False, "Small shapes (the default on CPU).")
 flags.DEFINE_integer("runs", 0, "Timed runs per case (0: the suite's default).")
-flags.DEFINE_string("preset", "", "Model for the train suite: a preset name or 'bench-6.5m' (default).")
-flags.DEFINE_integer("batch", 0, "Global batch in sequences for the train suite (0: 8).")
-flags.DEFINE_integer("seq_len", 0, "Sequence length for the train suite (0: 256).")
+flags.DEFINE_string("preset", "", "Model for the train and decode suites: a preset name or "
+                    "'bench-6.5m' (default).")
+flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the suite's default; train 8, decode 4).")
+flags.DEFINE_integer("seq_len", 0, "Train suite: sequence length (0: 256); decode suite: cache length "
+                     "(0: 4096).")
 flags.DEFINE_string("remat", "", "Train suite: also time our step under these remat policies, e.g. "
                     "'full,dots'.")
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")

@@ -39,6 +39,22 @@ def time_fn(fn, *args, runs: int = 5, warmup: int = 1) -> dict:
   return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": runs}
 
 
+def interleaved(thunks: dict, runs: int) -> dict:
+  """Wall seconds of each thunk over `runs` rounds that call every thunk once, in turn.
+
+  Returns:
+    {name: {'median_s', 'min_s', 'runs'}}.
+  """
+  times = {name: [] for name in thunks}
+  for _ in range(runs):
+    for name, fn in thunks.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "runs": runs}
+          for name, t in times.items()}
+
+
 def matmul_peak(n: int | None = None, dtype=jnp.float32, runs: int = 5) -> float:
   """Measured FLOP/s of a large square jnp matmul on the default device."""
   if n is None:

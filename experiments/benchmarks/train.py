@@ -14,14 +14,13 @@ import dataclasses
 import time
 
 import jax
-import numpy as np
 
 from deepseek_jax import DeepSeekV3
 from deepseek_jax.analysis.flops import train_flops_per_token
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
-from experiments.benchmarks.common import bench_config, machine, matmul_peak
+from experiments.benchmarks.common import bench_config, interleaved, machine, matmul_peak
 
 
 def _ours(cfg, batch, seq_len):
@@ -81,22 +80,6 @@ def _transformers(cfg, batch, seq_len, threads):
   return step, {"experts_implementation": getattr(config, "_experts_implementation", None),
                 "torch_matmul_peak_flops": torch_peak, "transformers": transformers.__version__,
                 "torch": torch.__version__}
-
-
-def interleaved(thunks: dict, runs: int) -> dict:
-  """Wall seconds of each thunk over `runs` rounds that call every thunk once, in turn.
-
-  Returns:
-    {name: {'median_s', 'min_s', 'runs'}}.
-  """
-  times = {name: [] for name in thunks}
-  for _ in range(runs):
-    for name, fn in thunks.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "runs": runs}
-          for name, t in times.items()}
 
 
 def run(flags) -> dict:
