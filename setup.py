@@ -25,6 +25,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "chex>=0.1.88",
             "torch==2.13.0",
             "transformers==5.24.0",
