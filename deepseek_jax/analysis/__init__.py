@@ -5,5 +5,5 @@ from deepseek_jax.analysis.cost import cost_report, estimate_run, fleet_view, im
 from deepseek_jax.analysis.flops import (decode_flops_per_token, forward_flops_per_token,
                                          kv_cache_bytes_per_token, kv_cache_elements_per_token,
                                          train_flops_per_token)
-from deepseek_jax.analysis.hardware import GPUS, get_gpu
+from deepseek_jax.analysis.hardware import GPUS, get_gpu, gpu_for_device
 from deepseek_jax.analysis.params import abstract_variables, count_params

@@ -79,3 +79,16 @@ def get_gpu(name: str) -> GPU:
     if key.lower() == name.strip().lower():
       return gpu
   raise ValueError(f"gpu={name!r} is unknown; known: {sorted(k for k in GPUS if ' ' not in k)}")
+
+
+def gpu_for_device(device_kind: str):
+  """The `GPU` record of a jax device kind string (e.g. "NVIDIA H200"), or None when none matches.
+
+  Args:
+    device_kind: `jax.Device.device_kind`.
+  """
+  words = device_kind.upper().replace("-", " ").split()
+  for key in sorted((k for k in GPUS if " " not in k), key=len, reverse=True):
+    if key.upper() in words:
+      return GPUS[key]
+  return None

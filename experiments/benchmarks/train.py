@@ -3,9 +3,11 @@
 Both run the same config, batch and thread count in one process: ours is the library's train step
 (AdamW, clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW. MFU counts
 the model's matmul FLOPs (`analysis.train_flops_per_token`, full attention since both compute it masked)
-against the matmul peak measured in the same run.  Every contender (ours, our step under the `--remat`
-policies and `--scan_layers`, transformers) is compiled and warmed up first and then timed in interleaved
-rounds, one step of each per round, so that a slow phase of a shared machine hits all of them alike.
+against the matmul peak measured in the same run in the compute dtype (`--dtype`, default the preset's
+float32), and on a GPU the datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also
+against its dense peak (`mfu_vs_datasheet`).  Every contender (ours, our step under the `--remat` policies
+and `--scan_layers`, transformers) is compiled and warmed up first and then timed in interleaved rounds, one
+step of each per round, so that a slow phase of a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 
 from deepseek_jax import DeepSeekV3
 from deepseek_jax.analysis.flops import train_flops_per_token
+from deepseek_jax.analysis.hardware import gpu_for_device
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
@@ -86,7 +90,8 @@ def run(flags) -> dict:
   """Runs the suite; see the module docstring."""
   import os  # pylint: disable=g-import-not-at-top
   preset = getattr(flags, "preset", "") or "bench-6.5m"
-  cfg = bench_config(preset)
+  dtype = getattr(flags, "dtype", "")
+  cfg = bench_config(preset, **({"dtype": dtype} if dtype else {}))
   batch = getattr(flags, "batch", 0) or 8
   seq_len = getattr(flags, "seq_len", 0) or 256
   runs = flags.runs or 5
@@ -94,7 +99,10 @@ def run(flags) -> dict:
   tokens = batch * seq_len
   flops_tok = train_flops_per_token(cfg, seq_len, causal=False)
   train_flops = flops_tok.model if hasattr(flops_tok, "model") else float(flops_tok)
-  peak = matmul_peak()
+  peak = matmul_peak(dtype=jnp.dtype(cfg.dtype))
+  gpu = gpu_for_device(jax.devices()[0].device_kind) if jax.default_backend() == "gpu" else None
+  half = cfg.dtype in ("bfloat16", "float16")
+  datasheet = gpu.peak_flops("bf16") if gpu is not None and half else None
   thunks, compile_s = {}, {}
   thunks["ours"], compile_s["ours"] = _ours(cfg, batch, seq_len)
   variants = {f"remat:{p}": dataclasses.replace(cfg, remat_policy=p)
@@ -113,7 +121,10 @@ def run(flags) -> dict:
             "ours": dict(ours, tokens_per_s=tokens / ours["median_s"], compile_s=compile_s["ours"],
                          mfu=train_flops * tokens / ours["median_s"] / peak,
                          moe_impl=cfg.moe_impl, attention_impl=cfg.attention_impl,
-                         remat_policy=cfg.remat_policy)}
+                         remat_policy=cfg.remat_policy, dtype=cfg.dtype)}
+  if datasheet:
+    result["datasheet_peak_flops"] = datasheet
+    result["ours"]["mfu_vs_datasheet"] = train_flops * tokens / ours["median_s"] / datasheet
   remat = {name.split(":", 1)[1]: dict(timed[name], tokens_per_s=tokens / timed[name]["median_s"],
                                        compile_s=compile_s[name])
            for name in variants if name.startswith("remat:")}

@@ -85,6 +85,14 @@ def test_hardware_table():
     h100.peak_flops("fp16")
 
 
+def test_gpu_for_device_reads_jax_device_kinds():
+  assert hardware.gpu_for_device("NVIDIA H200") is hardware.get_gpu("H200")
+  assert hardware.gpu_for_device("NVIDIA H100 80GB HBM3") is hardware.get_gpu("H100")
+  assert hardware.gpu_for_device("NVIDIA B200") is hardware.get_gpu("B200")
+  assert hardware.gpu_for_device("NVIDIA A100-SXM4-80GB") is None
+  assert hardware.gpu_for_device("cpu") is None
+
+
 def test_fleet_view_keeps_press_estimates_apart():
   fleet = cost.fleet_view()
   assert fleet["run"]["cost_usd"] == pytest.approx(5.576e6)
