@@ -18,6 +18,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Linear, dtype_of, normal_init
@@ -73,12 +74,20 @@ def layer_runs(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
   return [(f"layers_{a}_to_{b - 1}", a, b, moe) for a, b, moe in runs]
 
 
-def to_layer_layout(cfg: ModelConfig, variables: Mapping) -> dict:
+def to_layer_layout(cfg: ModelConfig, variables: Mapping, *, donate: bool = False) -> dict:
   """`variables` (any collections: 'params', 'router') in the layer layout `cfg` builds.
 
   cfg.scan_layers: the per-layer subtrees 'layers_{i}' of each run are stacked into the run's scanned module
   (`layer_runs`); otherwise scanned runs are split back into 'layers_{i}'.  Trees already in cfg's layout
   pass through unchanged, so checkpoints and HF conversions (always per layer) load into either layout.
+  NumPy leaves stay NumPy arrays; jax arrays keep their sharding.
+
+  Args:
+    cfg: the config whose layout is wanted.
+    variables: the variables in either layout.
+    donate: delete each converted jax array once its new layout exists, so that the conversion holds one
+      copy of the weights plus one array at a time (the loaders, which own what they restored, pass True);
+      `variables` must not be used afterwards.
   """
   runs = layer_runs(cfg)
 
@@ -89,20 +98,41 @@ def to_layer_layout(cfg: ModelConfig, variables: Mapping) -> dict:
     for name, a, b, _ in runs:
       per_layer = [f"layers_{i}" for i in range(a, b)]
       if cfg.scan_layers and all(k in tree for k in per_layer):
-        tree[name] = _stack([tree.pop(k) for k in per_layer])
+        tree[name] = _stack([tree.pop(k) for k in per_layer], donate=donate)
       elif not cfg.scan_layers and name in tree:
-        tree.update(zip(per_layer, _unstack(tree.pop(name), b - a)))
+        tree.update(zip(per_layer, _unstack(tree.pop(name), b - a, donate=donate)))
     return tree
 
   return {c: convert(t) for c, t in variables.items()}
 
 
-def _stack(trees) -> Any:
-  return jax.tree.map(lambda *v: jnp.stack(v), *trees)
+def _release(sources, result) -> None:
+  """Deletes the jax arrays among `sources` once `result` is computed."""
+  jax.block_until_ready(result)
+  for v in sources:
+    if isinstance(v, jax.Array) and not v.is_deleted():
+      v.delete()
 
 
-def _unstack(tree, n: int) -> list:
-  return [jax.tree.map(lambda v, j=j: v[j], tree) for j in range(n)]
+def _stack(trees, *, donate: bool = False) -> Any:
+  def one(*v):
+    if all(isinstance(x, np.ndarray) for x in v):
+      return np.stack(v)
+    out = jnp.stack(v)
+    if donate:
+      _release(v, out)
+    return out
+  return jax.tree.map(one, *trees)
+
+
+def _unstack(tree, n: int, *, donate: bool = False) -> list:
+  leaves, treedef = jax.tree.flatten(tree)
+  parts = []
+  for v in leaves:
+    parts.append([v[j] for j in range(n)])
+    if donate:
+      _release([v], parts[-1])
+  return [jax.tree.unflatten(treedef, [p[j] for p in parts]) for j in range(n)]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16) -> dict:

@@ -190,3 +190,18 @@ def test_generate_with_scanned_layers(variables):
   spec = dsj.generate(DeepSeekV3(SCFG), sv, prompt, max_new_tokens=5, prompt_lengths=[6, 4],
                                 speculative=True)
   np.testing.assert_array_equal(spec, want)
+
+
+def test_layout_conversion_keeps_numpy_and_donates_on_request(variables):
+  v, sv = variables
+  host = jax.tree.map(np.asarray, v)
+  stacked = to_layer_layout(SCFG, host)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(stacked))
+  jax.tree.map(np.testing.assert_array_equal, stacked, jax.tree.map(np.asarray, sv))
+  for cfg, src, want in [(SCFG, v, sv), (CFG, sv, v)]:
+    owned = jax.tree.map(jnp.copy, src)
+    got = to_layer_layout(cfg, owned, donate=True)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    converted = [owned["params"][k] for k in owned["params"] if k.startswith("layers_")]
+    assert converted and all(x.is_deleted() for x in jax.tree.leaves(converted))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(got))

@@ -92,7 +92,8 @@ def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optio
   state = restored["state"]
   if not isinstance(state, dict) or "params" not in state:
     raise ValueError(f"{directory}/{step}: the saved state holds no 'params'")
-  variables = to_layer_layout(cfg, {"params": state["params"], "router": state.get("router") or {}})
+  variables = to_layer_layout(cfg, {"params": state["params"], "router": state.get("router") or {}},
+                              donate=True)
   abstract = jax.eval_shape(DeepSeekV3(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   abstract = {"params": abstract["params"], "router": abstract.get("router", {})}
   return cfg, _check_like(f"{directory}/{step}", abstract, variables), step

@@ -128,7 +128,7 @@ def load_init_variables(path: str, abstract_variables: dict, mesh=None, cfg=None
   if variables["params"] is None:
     raise UserError(f"--init_from={path}: the checkpoint holds no 'params'")
   if cfg is not None:
-    variables = to_layer_layout(cfg, variables)
+    variables = to_layer_layout(cfg, variables, donate=True)
   want = jax.tree_util.tree_structure(abstract_variables)
   got = jax.tree_util.tree_structure(variables)
   if want != got:
