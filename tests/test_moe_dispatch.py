@@ -1,5 +1,7 @@
 """Dispatch implementations against a token-by-token float64 NumPy MoE, including imbalanced routing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,19 @@ def test_capacity_experts_drops_exactly_the_overflow():
   y_big, dropped_big = moe_dispatch.capacity_experts(x, idx, w, wg, wu, wd, capacity_factor=e)
   assert float(dropped_big) == 0.0
   np.testing.assert_allclose(y_big, _numpy_moe(x, idx, w, wg, wu, wd), rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys):
+  t, d, f, e, k = 64, 16, 8, 4, 2
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  x = jax.random.normal(keys[0], (t, d))
+  idx = jax.random.randint(keys[1], (t, k), 0, e)
+  w = jax.random.uniform(keys[2], (t, k))
+  wg, wu = jax.random.normal(keys[3], (e, d, f)), jax.random.normal(keys[4], (e, d, f))
+  wd = jax.random.normal(keys[5], (e, f, d))
+  loss = lambda x, w, wg, wu, wd: jnp.sum(moe_dispatch.blocked_experts(x, idx, w, wg, wu, wd, block=16) ** 2)
+  jax.ad_checkpoint.print_saved_residuals(loss, x, w, wg, wu, wd)
+  shapes = set(re.findall(r"\[([\d,]+)\]", capsys.readouterr().out))
+  n = moe_dispatch.blocked_layout(idx, e, 16)[2].shape[0]
+  gathered = {f"{n},{d},{2 * f}", f"{n},{f},{d}", f"{n},16,{d}", f"{n * 16},{d}"}  # block weights, rows
+  assert f"{t},{d}" in shapes and not gathered & shapes, shapes
