@@ -16,3 +16,8 @@ def test_abstract_step_lowers_without_arrays():
   assert out["layers"] == cfg.num_hidden_layers and out["lower_s"] > 0 and "compile_s" not in out
   text = step.lower(state, batch).as_text()
   assert "func.func public @main" in text
+
+
+def test_compiled_step_reports_its_temporaries():
+  out = compile_bench.time_compile(bench_config("tiny"), batch=2, seq_len=16)
+  assert out["compile_s"] > 0 and out["temp_bytes"] > 0

@@ -42,15 +42,19 @@ def abstract_step(cfg, batch: int, seq_len: int):
 
 
 def time_compile(cfg, batch: int, seq_len: int, compile_too: bool = True) -> dict:
-  """Seconds to trace + lower and (optionally) to compile the train step of cfg."""
+  """Seconds to trace + lower and (optionally) to compile the train step of cfg, with the compiled step's
+  XLA temporary bytes (activations, residuals, workspace: `temp_bytes`) when compiled."""
   t0 = time.perf_counter()
   step, state, data = abstract_step(cfg, batch, seq_len)
   lowered = step.lower(state, data)
   out = {"layers": cfg.num_hidden_layers, "lower_s": time.perf_counter() - t0}
   if compile_too:
     t0 = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     out["compile_s"] = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    if memory is not None:
+      out["temp_bytes"] = int(memory.temp_size_in_bytes)
   return out
 
 
