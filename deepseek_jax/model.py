@@ -206,19 +206,18 @@ class DeepSeekV3(nn.Module):
       # Caches of a run stacked along the scanned axis ({run name: stacked}); a per-layer tuple is stacked
       # going in and split coming out.
       per_layer = cache is not None and not isinstance(cache, Mapping)
-      run_caches = {}
+      new_cache = {}
       for name, a, b, _ in layer_runs(cfg):
-        run_cache = None if cache is None else (_stack(cache[a:b]) if per_layer else cache[name])
-        if run_cache is not None:
-          run_cache = dict(run_cache, layer=jnp.zeros((), jnp.int32))
+        run_cache = None
+        if cache is not None:
+          run_cache = dict(_stack(cache[a:b]) if per_layer else cache[name], layer=jnp.zeros((), jnp.int32))
         (x, run_cache), st = getattr(self, name)((x, run_cache), positions, None, cache_start, absorbed)
         stats += [None] * (b - a) if st is None else _unstack(st, b - a)
         if run_cache is not None:
           run_cache = {k: v for k, v in run_cache.items() if k != "layer"}
-        run_caches[name] = run_cache
-        new_cache += _unstack(run_cache, b - a) if per_layer else []
-      if cache is not None and not per_layer:
-        new_cache = run_caches
+          new_cache[name] = _unstack(run_cache, b - a) if per_layer else run_cache
+      if per_layer:
+        new_cache = [c for per_run in new_cache.values() for c in per_run]
     else:
       if isinstance(cache, Mapping):
         raise ValueError("a cache stacked per run of layers ({run name: caches}) is the scan_layers layout; "
