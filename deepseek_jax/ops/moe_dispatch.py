@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from kernels.dispatch import combine, permute, sort_by_expert, take_rows
-from deepseek_jax.ops.backend import on_gpu, resolve, vary_like
+from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 
@@ -133,8 +133,6 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   e = w_gate.shape[0]
   t, k = idx.shape
   block = block or block_size_for(t * k, e)
-  # Inside a shard_map the custom VJPs below need the weights typed as varying like the tokens.
-  w_gate, w_up, w_down = (vary_like(w, x) for w in (w_gate, w_up, w_down))
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
 
   def experts(x, w_gate, w_up, w_down, layout):
