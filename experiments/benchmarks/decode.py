@@ -8,7 +8,8 @@ timed in interleaved rounds (`common.interleaved`):
 - 'absorbed_scan': `ModelConfig.scan_layers`, the cache stacked per run of layers and carried through the
   loop (`init_cache` of the scanned config);
 - 'absorbed_scan_tuple': the scanned model fed the per-layer cache tuple (stacked and split every step).
-Reports tokens/s (new tokens of the batch per second), the cache size, and each time over 'absorbed'.
+Reports tokens/s (new tokens of the batch per second), the cache size, each time over 'absorbed', and each
+contender's largest cache difference from 'absorbed' (all write the same latents).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import DeepSeekV3, init_cache, to_layer_layout
+from deepseek_jax import DeepSeekV3, init_cache, layer_runs, to_layer_layout
 from experiments.benchmarks.common import bench_config, interleaved, machine
 
 
@@ -59,5 +60,16 @@ def run(flags) -> dict:
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches["absorbed"]))
   return {"suite": "decode", "machine": machine(), "config": preset, "batch": batch, "cache_len": length,
           "cache_bytes": cache_bytes, "dtype": str(dtype),
-          "results": {name: dict(t, tokens_per_s=batch / t["median_s"], vs_absorbed=t["median_s"] / base)
+          "results": {name: dict(t, tokens_per_s=batch / t["median_s"], vs_absorbed=t["median_s"] / base,
+                                 max_abs_diff_vs_absorbed=_max_diff(cfg, caches[name], caches["absorbed"]))
                       for name, t in timed.items()}}
+
+
+def _max_diff(cfg, cache, reference) -> float:
+  """Largest |cache - reference| over the main layers' latents, the scanned layout compared per layer."""
+  layers = cache["layers"]
+  if isinstance(layers, dict):
+    layers = [jax.tree.map(lambda v, j=j: v[j], layers[name])
+              for name, a, b, _ in layer_runs(cfg) for j in range(b - a)]
+  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+             for x, y in zip(jax.tree.leaves(list(layers)), jax.tree.leaves(list(reference["layers"]))))
