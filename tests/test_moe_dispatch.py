@@ -88,7 +88,8 @@ def test_capacity_experts_drops_exactly_the_overflow():
   np.testing.assert_allclose(y_big, _numpy_moe(x, idx, w, wg, wu, wd), rtol=1e-4, atol=1e-4)
 
 
-def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys):
+@pytest.mark.parametrize("shards", [1, 4])
+def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys, shards):
   t, d, f, e, k = 64, 16, 8, 4, 2
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
   x = jax.random.normal(keys[0], (t, d))
@@ -96,9 +97,30 @@ def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys)
   w = jax.random.uniform(keys[2], (t, k))
   wg, wu = jax.random.normal(keys[3], (e, d, f)), jax.random.normal(keys[4], (e, d, f))
   wd = jax.random.normal(keys[5], (e, f, d))
-  loss = lambda x, w, wg, wu, wd: jnp.sum(moe_dispatch.blocked_experts(x, idx, w, wg, wu, wd, block=16) ** 2)
+  loss = lambda x, w, wg, wu, wd: jnp.sum(
+      moe_dispatch.blocked_experts(x, idx, w, wg, wu, wd, block=16, shards=shards) ** 2)
   jax.ad_checkpoint.print_saved_residuals(loss, x, w, wg, wu, wd)
   shapes = set(re.findall(r"\[([\d,]+)\]", capsys.readouterr().out))
   n = moe_dispatch.blocked_layout(idx, e, 16)[2].shape[0]
+  assert n % shards == 0
+  n //= shards   # blocks per shard
   gathered = {f"{n},{d},{2 * f}", f"{n},{f},{d}", f"{n},16,{d}", f"{n * 16},{d}"}  # block weights, rows
   assert f"{t},{d}" in shapes and not gathered & shapes, shapes
+
+
+@pytest.mark.parametrize("shards", [2, 3, 5, 64])
+def test_blocked_shards_agree_with_one_chain(shards):
+  """Splitting the blocks into independent ranges (uneven, or more ranges than blocks) changes nothing."""
+  t, d, f, e, k = 50, 16, 8, 6, 3
+  keys = jax.random.split(jax.random.PRNGKey(1), 6)
+  x = jax.random.normal(keys[0], (t, d))
+  idx = jnp.argsort(jax.random.uniform(keys[1], (t, e)), axis=-1)[:, :k]
+  w = jax.random.uniform(keys[2], (t, k))
+  wg, wu = (jax.random.normal(kk, (e, d, f)) / 4 for kk in keys[3:5])
+  wd = jax.random.normal(keys[5], (e, f, d)) / 4
+  loss = lambda s: lambda *a: jnp.sum(jnp.sin(moe_dispatch.blocked_experts(*a, block=8, shards=s)))
+  args = (x, idx, w, wg, wu, wd)
+  np.testing.assert_allclose(loss(shards)(*args), loss(1)(*args), rtol=1e-6)
+  for a, b in zip(jax.grad(loss(shards), argnums=(0, 2, 3, 4, 5))(*args),
+                  jax.grad(loss(1), argnums=(0, 2, 3, 4, 5))(*args)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -116,31 +116,53 @@ def _all_but_gathered(prim, *_, **params) -> bool:
   return prim.name not in ("gather", "custom_vjp_call", "reshape")
 
 
+def shards_for(num_blocks: int) -> int:
+  """Independent block ranges of the blocked dispatch: `BLOCK_SHARDS`, at most one per block."""
+  return max(1, min(BLOCK_SHARDS, num_blocks))
+
+
+# The blocked experts run as this many independent chains (gathers, batched matmuls, activations) over
+# contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly (Eigen runs
+# it on one thread, YNN at about 1.3x that on two), while its thunk executor runs independent ops on idle
+# threads: it splits work off only when more than one other op is ready, so three or more chains.
+BLOCK_SHARDS = 4
+
+
 def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None,
-                    block_ffn=swiglu_blocks):
+                    block_ffn=swiglu_blocks, shards: int | None = None):
   """Dropless experts as batched matmuls over blocks of one expert each (the CPU default).
 
   `jax.lax.ragged_dot` on CPU computes every group for every row; here each expert's rows are padded to a
   multiple of `block` and every block multiplies by its own expert's weights, so the work is the routed
-  rows plus at most E x (block - 1) padding rows.
+  rows plus at most E x (block - 1) padding rows.  The blocks go in `shards` contiguous ranges, each its
+  own gathers and matmuls, which XLA:CPU runs concurrently.
 
   Args:
     x, idx, weights, w_gate, w_up, w_down: as `routed_experts`.
     block: rows per block (default `block_size_for`).
     block_ffn: the expert FFN on blocks, `block_ffn(xb [N,B,D], per_block, w_gate, w_up, w_down)` ->
       [N,B,D] (default `swiglu_blocks`; the FP8 recipe passes its own GEMMs).
+    shards: independent block ranges (default `shards_for`).
   """
   e = w_gate.shape[0]
   t, k = idx.shape
+  d = x.shape[1]
   block = block or block_size_for(t * k, e)
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
+  num_blocks = layout[2].shape[0]
+  n = shards or shards_for(num_blocks)
+  cuts = [num_blocks * i // n for i in range(n + 1)]
+  ranges = tuple((a * block, b * block) for a, b in zip(cuts[:-1], cuts[1:]) if b > a)
 
   def experts(x, w_gate, w_up, w_down, layout):
     slot_token, slot_valid, block_expert, assignment_slot, slot_assignment = layout
-    xb = _to_slots(x, slot_token, assignment_slot, k).reshape(-1, block, x.shape[1])
-    per_block = lambda w: checkpoint_name(_per_block(w, block_expert), GATHERED)
-    yb = block_ffn(checkpoint_name(xb, GATHERED), per_block, w_gate, w_up, w_down).reshape(-1, x.shape[1])
-    return _from_slots(yb, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
+    ybs = []
+    for xb, (a, b) in zip(_to_slots(x, slot_token, assignment_slot, k, ranges), ranges):
+      expert = block_expert[a // block:b // block]
+      per_block = lambda w, expert=expert: checkpoint_name(_per_block(w, expert), GATHERED)
+      xb = checkpoint_name(xb.reshape(-1, block, d), GATHERED)
+      ybs.append(block_ffn(xb, per_block, w_gate, w_up, w_down).reshape(-1, d))
+    return _from_slots(tuple(ybs), assignment_slot, slot_assignment, slot_valid, ranges).reshape(t, k, -1)
 
   if block_ffn is swiglu_blocks:   # (another block_ffn may have custom VJPs that are not gathers)
     experts = jax.checkpoint(experts, policy=_all_but_gathered)
@@ -172,11 +194,11 @@ def capacity_experts(x, idx, weights, w_gate, w_up, w_down, *, capacity_factor: 
   assignment_slot = slot
   layout = jax.lax.stop_gradient((slot_token, slot_valid, assignment_slot, slot_assignment))
   slot_token, slot_valid, assignment_slot, slot_assignment = layout
-  xs = _to_slots(x, slot_token, assignment_slot, k)[:e * cap].reshape(e, cap, -1)
+  xs = _to_slots(x, slot_token, assignment_slot, k, ((0, p),))[0][:e * cap].reshape(e, cap, -1)
   h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", xs, w_gate)) * jnp.einsum("ECD,EDF->ECF", xs, w_up)
   ys = jnp.einsum("ECF,EFD->ECD", h, w_down).reshape(e * cap, -1)
   ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[1]), ys.dtype)], axis=0)
-  y = _from_slots(ys, assignment_slot, slot_assignment, slot_valid).reshape(t, k, -1)
+  y = _from_slots((ys,), assignment_slot, slot_assignment, slot_valid, ((0, p),)).reshape(t, k, -1)
   out = jnp.einsum("TKD,TK->TD", y, (weights * kept.reshape(t, k)).astype(y.dtype))
   return out, 1.0 - jnp.mean(kept.astype(jnp.float32))
 
@@ -201,39 +223,44 @@ _per_block.defvjp(_per_block_fwd, _per_block_bwd)
 
 
 # Both directions of the slot permutation are gathers: the transpose of a gather by a (padded) permutation
-# is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _to_slots(x, slot_token, assignment_slot, k):
-  """x [T, D] -> [P, D]: row slot_token[p] in each valid slot, 0 in padding slots (slot_token T: a zero
-  row appended to x, so that the padding costs no separate select pass)."""
-  return take_rows(jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0), slot_token)
+# is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.  The slots come and go as
+# the shards' ranges of slots, [(start, end), ...] covering all P in order.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _to_slots(x, slot_token, assignment_slot, k, ranges):
+  """x [T, D] -> one [end - start, D] array per range of slots: row slot_token[p] in each valid slot, 0 in
+  padding slots (slot_token T: a zero row appended to x, so that the padding costs no separate select)."""
+  padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+  return tuple(take_rows(padded, slot_token[a:b]) for a, b in ranges)
 
 
-def _to_slots_fwd(x, slot_token, assignment_slot, k):
-  return _to_slots(x, slot_token, assignment_slot, k), assignment_slot
+def _to_slots_fwd(x, slot_token, assignment_slot, k, ranges):
+  return _to_slots(x, slot_token, assignment_slot, k, ranges), assignment_slot
 
 
-def _to_slots_bwd(k, assignment_slot, g):
+def _to_slots_bwd(k, ranges, assignment_slot, g):
   t = assignment_slot.shape[0] // k
+  g = jnp.concatenate(g, axis=0) if len(g) > 1 else g[0]
   return take_rows(g, assignment_slot).reshape(t, k, -1).sum(1), None, None
 
 
 _to_slots.defvjp(_to_slots_fwd, _to_slots_bwd)
 
 
-@jax.custom_vjp
-def _from_slots(yb, assignment_slot, slot_assignment, slot_valid):
-  """yb [P, D] -> [T*K, D]: the slot of each flat assignment."""
-  return take_rows(yb, assignment_slot)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _from_slots(ybs, assignment_slot, slot_assignment, slot_valid, ranges):
+  """The rows of each range of slots ybs ([end - start, D] each) -> [T*K, D]: the slot of each flat
+  assignment."""
+  return take_rows(jnp.concatenate(ybs, axis=0) if len(ybs) > 1 else ybs[0], assignment_slot)
 
 
-def _from_slots_fwd(yb, assignment_slot, slot_assignment, slot_valid):
-  return _from_slots(yb, assignment_slot, slot_assignment, slot_valid), (slot_assignment, slot_valid)
+def _from_slots_fwd(ybs, assignment_slot, slot_assignment, slot_valid, ranges):
+  return _from_slots(ybs, assignment_slot, slot_assignment, slot_valid, ranges), (slot_assignment, slot_valid)
 
 
-def _from_slots_bwd(res, g):
+def _from_slots_bwd(ranges, res, g):
   slot_assignment, slot_valid = res
-  return jnp.where(slot_valid[:, None], take_rows(g, slot_assignment), 0), None, None, None
+  return tuple(jnp.where(slot_valid[a:b, None], take_rows(g, slot_assignment[a:b]), 0)
+               for a, b in ranges), None, None, None
 
 
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
