@@ -93,6 +93,13 @@ class Linear(nn.Module):
 
 
 def contract(x, w, n_in: int):
-  """Contracts the trailing n_in dims of x with the leading n_in dims of w."""
-  return jax.lax.dot_general(
-      x, w, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+  """Contracts the trailing n_in dims of x with the leading n_in dims of w.
+
+  Runs as one 2-D matmul [prod(lead), prod(in)] x [prod(in), prod(out)]: with several contracting dims
+  (the weight gradient contracts every leading dim of x) XLA:CPU otherwise copies an operand transposed
+  before each weight-gradient product.
+  """
+  lead, in_shape, out_shape = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  k = math.prod(in_shape)
+  y = jnp.dot(x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out_shape)))
+  return y.reshape(lead + out_shape)
