@@ -62,6 +62,14 @@ def test_block_size_heuristic():
     assert 8 <= b <= 128 and b & (b - 1) == 0
 
 
+def test_chain_count_heuristic():
+  assert moe_dispatch.shards_for(80, 128) == moe_dispatch.BLOCK_SHARDS   # train step: 10,240 slot rows
+  assert moe_dispatch.shards_for(16, 8) == 1                            # decoding: 128 slot rows
+  assert moe_dispatch.shards_for(3, 1024) == 3                          # at most one chain per block
+  for blocks, block in [(1, 8), (7, 64), (80, 128), (10 ** 4, 128)]:
+    assert 1 <= moe_dispatch.shards_for(blocks, block) <= min(blocks, moe_dispatch.BLOCK_SHARDS)
+
+
 def test_capacity_experts_drops_exactly_the_overflow():
   t, k, e, d, f = 40, 2, 4, 8, 6
   keys = jax.random.split(jax.random.PRNGKey(3), 5)

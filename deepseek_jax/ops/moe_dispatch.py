@@ -116,9 +116,11 @@ def _all_but_gathered(prim, *_, **params) -> bool:
   return prim.name not in ("gather", "custom_vjp_call", "reshape")
 
 
-def shards_for(num_blocks: int) -> int:
-  """Independent block ranges of the blocked dispatch: `BLOCK_SHARDS`, at most one per block."""
-  return max(1, min(BLOCK_SHARDS, num_blocks))
+def shards_for(num_blocks: int, block: int) -> int:
+  """Independent block ranges of the blocked dispatch: `BLOCK_SHARDS`, but at most one per block and per
+  `MIN_CHAIN_ROWS` slot rows (a decoding step's few blocks run as one chain: the extra ops cost more than
+  the concurrency buys there)."""
+  return max(1, min(BLOCK_SHARDS, num_blocks, num_blocks * block // MIN_CHAIN_ROWS))
 
 
 # The blocked experts run as this many independent chains (gathers, batched matmuls, activations) over
@@ -126,6 +128,7 @@ def shards_for(num_blocks: int) -> int:
 # it on one thread, YNN at about 1.3x that on two), while its thunk executor runs independent ops on idle
 # threads: it splits work off only when more than one other op is ready, so three or more chains.
 BLOCK_SHARDS = 4
+MIN_CHAIN_ROWS = 1024
 
 
 def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None,
@@ -142,7 +145,7 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
     block: rows per block (default `block_size_for`).
     block_ffn: the expert FFN on blocks, `block_ffn(xb [N,B,D], per_block, w_gate, w_up, w_down)` ->
       [N,B,D] (default `swiglu_blocks`; the FP8 recipe passes its own GEMMs).
-    shards: independent block ranges (default `shards_for`).
+    shards: independent block ranges (default `shards_for(num_blocks, block)`).
   """
   e = w_gate.shape[0]
   t, k = idx.shape
@@ -150,7 +153,7 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   block = block or block_size_for(t * k, e)
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
   num_blocks = layout[2].shape[0]
-  n = shards or shards_for(num_blocks)
+  n = shards or shards_for(num_blocks, block)
   cuts = [num_blocks * i // n for i in range(n + 1)]
   ranges = tuple((a * block, b * block) for a, b in zip(cuts[:-1], cuts[1:]) if b > a)
 
