@@ -63,11 +63,11 @@ def test_block_size_heuristic():
 
 
 def test_chain_count_heuristic():
-  assert moe_dispatch.shards_for(80, 128) == moe_dispatch.BLOCK_SHARDS   # train step: 10,240 slot rows
-  assert moe_dispatch.shards_for(16, 8) == 1                            # decoding: 128 slot rows
-  assert moe_dispatch.shards_for(3, 1024) == 3                          # at most one chain per block
+  assert moe_dispatch.chains_for(80, 128) == moe_dispatch.BLOCK_CHAINS   # train step: 10,240 slot rows
+  assert moe_dispatch.chains_for(16, 8) == 1                            # decoding: 128 slot rows
+  assert moe_dispatch.chains_for(3, 1024) == 3                          # at most one chain per block
   for blocks, block in [(1, 8), (7, 64), (80, 128), (10 ** 4, 128)]:
-    assert 1 <= moe_dispatch.shards_for(blocks, block) <= min(blocks, moe_dispatch.BLOCK_SHARDS)
+    assert 1 <= moe_dispatch.chains_for(blocks, block) <= min(blocks, moe_dispatch.BLOCK_CHAINS)
 
 
 def test_capacity_experts_drops_exactly_the_overflow():
@@ -96,8 +96,8 @@ def test_capacity_experts_drops_exactly_the_overflow():
   np.testing.assert_allclose(y_big, _numpy_moe(x, idx, w, wg, wu, wd), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shards", [1, 4])
-def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys, shards):
+@pytest.mark.parametrize("chains", [1, 4])
+def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys, chains):
   t, d, f, e, k = 64, 16, 8, 4, 2
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
   x = jax.random.normal(keys[0], (t, d))
@@ -106,18 +106,18 @@ def test_blocked_backward_regathers_instead_of_keeping_gathered_operands(capsys,
   wg, wu = jax.random.normal(keys[3], (e, d, f)), jax.random.normal(keys[4], (e, d, f))
   wd = jax.random.normal(keys[5], (e, f, d))
   loss = lambda x, w, wg, wu, wd: jnp.sum(
-      moe_dispatch.blocked_experts(x, idx, w, wg, wu, wd, block=16, shards=shards) ** 2)
+      moe_dispatch.blocked_experts(x, idx, w, wg, wu, wd, block=16, chains=chains) ** 2)
   jax.ad_checkpoint.print_saved_residuals(loss, x, w, wg, wu, wd)
   shapes = set(re.findall(r"\[([\d,]+)\]", capsys.readouterr().out))
   n = moe_dispatch.blocked_layout(idx, e, 16)[2].shape[0]
-  assert n % shards == 0
-  n //= shards   # blocks per shard
+  assert n % chains == 0
+  n //= chains   # blocks per chain
   gathered = {f"{n},{d},{2 * f}", f"{n},{f},{d}", f"{n},16,{d}", f"{n * 16},{d}"}  # block weights, rows
   assert f"{t},{d}" in shapes and not gathered & shapes, shapes
 
 
-@pytest.mark.parametrize("shards", [2, 3, 5, 64])
-def test_blocked_shards_agree_with_one_chain(shards):
+@pytest.mark.parametrize("chains", [2, 3, 5, 64])
+def test_blocked_chains_agree_with_one_chain(chains):
   """Splitting the blocks into independent ranges (uneven, or more ranges than blocks) changes nothing."""
   t, d, f, e, k = 50, 16, 8, 6, 3
   keys = jax.random.split(jax.random.PRNGKey(1), 6)
@@ -126,9 +126,9 @@ def test_blocked_shards_agree_with_one_chain(shards):
   w = jax.random.uniform(keys[2], (t, k))
   wg, wu = (jax.random.normal(kk, (e, d, f)) / 4 for kk in keys[3:5])
   wd = jax.random.normal(keys[5], (e, f, d)) / 4
-  loss = lambda s: lambda *a: jnp.sum(jnp.sin(moe_dispatch.blocked_experts(*a, block=8, shards=s)))
+  loss = lambda s: lambda *a: jnp.sum(jnp.sin(moe_dispatch.blocked_experts(*a, block=8, chains=s)))
   args = (x, idx, w, wg, wu, wd)
-  np.testing.assert_allclose(loss(shards)(*args), loss(1)(*args), rtol=1e-6)
-  for a, b in zip(jax.grad(loss(shards), argnums=(0, 2, 3, 4, 5))(*args),
+  np.testing.assert_allclose(loss(chains)(*args), loss(1)(*args), rtol=1e-6)
+  for a, b in zip(jax.grad(loss(chains), argnums=(0, 2, 3, 4, 5))(*args),
                   jax.grad(loss(1), argnums=(0, 2, 3, 4, 5))(*args)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -116,28 +116,28 @@ def _all_but_gathered(prim, *_, **params) -> bool:
   return prim.name not in ("gather", "custom_vjp_call", "reshape")
 
 
-def shards_for(num_blocks: int, block: int) -> int:
-  """Independent block ranges of the blocked dispatch: `BLOCK_SHARDS`, but at most one per block and per
+def chains_for(num_blocks: int, block: int) -> int:
+  """Independent block ranges of the blocked dispatch: `BLOCK_CHAINS`, but at most one per block and per
   `MIN_CHAIN_ROWS` slot rows (a decoding step's few blocks run as one chain: the extra ops cost more than
   the concurrency buys there)."""
-  return max(1, min(BLOCK_SHARDS, num_blocks, num_blocks * block // MIN_CHAIN_ROWS))
+  return max(1, min(BLOCK_CHAINS, num_blocks, num_blocks * block // MIN_CHAIN_ROWS))
 
 
 # The blocked experts run as this many independent chains (gathers, batched matmuls, activations) over
 # contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly (Eigen runs
 # it on one thread, YNN at about 1.3x that on two), while its thunk executor runs independent ops on idle
 # threads: it splits work off only when more than one other op is ready, so three or more chains.
-BLOCK_SHARDS = 4
+BLOCK_CHAINS = 4
 MIN_CHAIN_ROWS = 1024
 
 
 def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None = None,
-                    block_ffn=swiglu_blocks, shards: int | None = None):
+                    block_ffn=swiglu_blocks, chains: int | None = None):
   """Dropless experts as batched matmuls over blocks of one expert each (the CPU default).
 
   `jax.lax.ragged_dot` on CPU computes every group for every row; here each expert's rows are padded to a
   multiple of `block` and every block multiplies by its own expert's weights, so the work is the routed
-  rows plus at most E x (block - 1) padding rows.  The blocks go in `shards` contiguous ranges, each its
+  rows plus at most E x (block - 1) padding rows.  The blocks go in `chains` contiguous ranges, each its
   own gathers and matmuls, which XLA:CPU runs concurrently.
 
   Args:
@@ -145,7 +145,7 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
     block: rows per block (default `block_size_for`).
     block_ffn: the expert FFN on blocks, `block_ffn(xb [N,B,D], per_block, w_gate, w_up, w_down)` ->
       [N,B,D] (default `swiglu_blocks`; the FP8 recipe passes its own GEMMs).
-    shards: independent block ranges (default `shards_for(num_blocks, block)`).
+    chains: independent block ranges (default `chains_for(num_blocks, block)`).
   """
   e = w_gate.shape[0]
   t, k = idx.shape
@@ -153,7 +153,7 @@ def blocked_experts(x, idx, weights, w_gate, w_up, w_down, *, block: int | None 
   block = block or block_size_for(t * k, e)
   layout = jax.lax.stop_gradient(blocked_layout(idx, e, block))
   num_blocks = layout[2].shape[0]
-  n = shards or shards_for(num_blocks, block)
+  n = chains or chains_for(num_blocks, block)
   cuts = [num_blocks * i // n for i in range(n + 1)]
   ranges = tuple((a * block, b * block) for a, b in zip(cuts[:-1], cuts[1:]) if b > a)
 
@@ -227,7 +227,7 @@ _per_block.defvjp(_per_block_fwd, _per_block_bwd)
 
 # Both directions of the slot permutation are gathers: the transpose of a gather by a (padded) permutation
 # is a gather by the inverse permutation, which avoids XLA's scatter-add on CPU.  The slots come and go as
-# the shards' ranges of slots, [(start, end), ...] covering all P in order.
+# the chains' ranges of slots, [(start, end), ...] covering all P in order.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _to_slots(x, slot_token, assignment_slot, k, ranges):
   """x [T, D] -> one [end - start, D] array per range of slots: row slot_token[p] in each valid slot, 0 in

@@ -2,7 +2,7 @@
 
 For each (tokens T, experts E, top-k K) the suite times forward + backward of the routed experts
 (`ops.moe_dispatch`) with every strategy - dense (every expert on every token), blocked (the CPU default),
-the blocked layout as one chain of ops (`shards=1`, on CPU), sort + `jax.lax.ragged_dot`, sort + Pallas
+the blocked layout as one chain of ops (`chains=1`, on CPU), sort + `jax.lax.ragged_dot`, sort + Pallas
 `gmm` (GPU, or small shapes in interpret mode), and a capacity-factor layout (drops overflow; for
 comparison) - next to a SwiGLU MLP of width K x F (the same active FLOPs).  Every contender of a case is
 compiled and warmed up first and then timed in interleaved rounds (those over `SLOW` x the dense MLP
@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.ops import moe_dispatch
-from experiments.benchmarks.common import interleaved, machine
+from experiments.benchmarks.common import interleaved, machine, time_fn
 
 
 SLOW = 10.0   # contenders slower than this many dense MLPs are timed apart, after the others
-
-
-def _seconds(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
 
 
 def _case(t, e, k, d, f, strategies, runs):
@@ -55,15 +48,14 @@ def _case(t, e, k, d, f, strategies, runs):
   fns = {
       "dense": lambda *a: moe_dispatch.dense_experts(*a),
       "blocked": lambda *a: moe_dispatch.blocked_experts(*a),
-      "blocked_one_chain": lambda *a: moe_dispatch.blocked_experts(*a, shards=1),
+      "blocked_one_chain": lambda *a: moe_dispatch.blocked_experts(*a, chains=1),
       "ragged_dot": lambda *a: moe_dispatch.sorted_experts(*a, impl="xla"),
       "pallas_gmm": lambda *a: moe_dispatch.sorted_experts(*a, impl="pallas"),
       "capacity_1.25": lambda *a: moe_dispatch.capacity_experts(*a, capacity_factor=1.25)[0],
   }
   mlp = jax.jit(jax.value_and_grad(mlp_loss, argnums=(0, 1, 2, 3)))
   thunks = {"dense_mlp": lambda: jax.block_until_ready(mlp(x, *dense_w))}
-  thunks["dense_mlp"]()
-  warm = {"dense_mlp": _seconds(thunks["dense_mlp"])}
+  warm = {"dense_mlp": time_fn(thunks["dense_mlp"], runs=1)["median_s"]}
   row = {"tokens": t, "experts": e, "top_k": k, "d": d, "f": f,
          "active_flops_fwd_bwd": 3 * 3 * 2 * t * d * k * f}
   for name in strategies:
@@ -71,7 +63,7 @@ def _case(t, e, k, d, f, strategies, runs):
       step = routed(fns[name])
       jax.block_until_ready(step(x, wg, wu, wd))   # compile and warm up before any timing
       thunks[name] = lambda step=step: jax.block_until_ready(step(x, wg, wu, wd))
-      warm[name] = _seconds(thunks[name])
+      warm[name] = time_fn(thunks[name], runs=1, warmup=0)["median_s"]
     except Exception as err:  # pylint: disable=broad-except
       row[name + "_error"] = f"{type(err).__name__}: {str(err)[:200]}"
   # The close contenders go in interleaved rounds (one call of each per round, so that a slow phase of the
