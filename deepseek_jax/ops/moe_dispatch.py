@@ -126,7 +126,7 @@ def chains_for(num_blocks: int, block: int) -> int:
 # The blocked experts run as this many independent chains (gathers, batched matmuls, activations) over
 # contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly (Eigen runs
 # it on one thread, YNN at about 1.3x that on two), while its thunk executor runs independent ops on idle
-# threads: it splits work off only when more than one other op is ready, so three or more chains.
+# threads.  MoE fwd + bwd at T2048 E16 K4 on 2 cores: 2 chains 1.15x, 4 chains 1.28x, 8 chains 1.30x.
 BLOCK_CHAINS = 4
 MIN_CHAIN_ROWS = 1024
 
