@@ -11,7 +11,6 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
@@ -76,30 +75,24 @@ class Linear(nn.Module):
                        f"{tuple(self.in_shape)}")
     if self.fp8_stored and self.fp8 and self.cfg.precision == "fp8":
       # The stored codes are the GEMM's weight operand as they are: no dequantize / requantize.
-      lead = x.shape[:x.ndim - n_in]
-      k = math.prod(self.in_shape)
       b = self.cfg.fp8_weight_block
-      y = fp8.fp8_matmul_quantized(x.reshape(-1, k).astype(dtype), self.w.reshape(k, -1), self.w_scale,
-                                   block=(b, b), out_dtype=dtype)
-      return y.reshape(lead + tuple(self.out_shape))
+      matmul = lambda a, w: fp8.fp8_matmul_quantized(a, w, self.w_scale, block=(b, b), out_dtype=dtype)
+      return contract(x.astype(dtype), self.w, n_in, matmul=matmul)
     w = self.kernel()
     if self.fp8 and self.cfg.precision == "fp8":
-      lead = x.shape[:x.ndim - n_in]
-      k = math.prod(self.in_shape)
-      y = fp8.fp8_matmul(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype),
-                         out_dtype=dtype)
-      return y.reshape(lead + tuple(self.out_shape))
+      matmul = lambda a, w: fp8.fp8_matmul(a, w.astype(dtype), out_dtype=dtype)
+      return contract(x.astype(dtype), w, n_in, matmul=matmul)
     return contract(x.astype(dtype), w.astype(dtype), n_in)
 
 
-def contract(x, w, n_in: int):
+def contract(x, w, n_in: int, *, matmul=jnp.dot):
   """Contracts the trailing n_in dims of x with the leading n_in dims of w.
 
-  Runs as one 2-D matmul [prod(lead), prod(in)] x [prod(in), prod(out)]: with several contracting dims
-  (the weight gradient contracts every leading dim of x) XLA:CPU otherwise copies an operand transposed
-  before each weight-gradient product.
+  Runs as one 2-D product `matmul([prod(lead), prod(in)], [prod(in), prod(out)])` (default `jnp.dot`; the
+  FP8 GEMMs for the FP8 recipe): with several contracting dims (the weight gradient contracts every leading
+  dim of x) XLA:CPU otherwise copies an operand transposed before each weight-gradient product.
   """
   lead, in_shape, out_shape = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
   k = math.prod(in_shape)
-  y = jnp.dot(x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out_shape)))
+  y = matmul(x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out_shape)))
   return y.reshape(lead + out_shape)

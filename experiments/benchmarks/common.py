@@ -36,7 +36,7 @@ def time_fn(fn, *args, runs: int = 5, warmup: int = 1) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": runs}
+  return _summary(times)
 
 
 def interleaved(thunks: dict, runs: int) -> dict:
@@ -51,8 +51,11 @@ def interleaved(thunks: dict, runs: int) -> dict:
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)
-  return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "runs": runs}
-          for name, t in times.items()}
+  return {name: _summary(t) for name, t in times.items()}
+
+
+def _summary(times) -> dict:
+  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "runs": len(times)}
 
 
 def matmul_peak(n: int | None = None, dtype=jnp.float32, runs: int = 5) -> float:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import DeepSeekV3, init_cache, layer_runs, to_layer_layout
+from deepseek_jax.model import _unstack  # pylint: disable=protected-access  (the model's own per-layer split)
 from experiments.benchmarks.common import bench_config, interleaved, machine
 
 
@@ -69,7 +70,6 @@ def _max_diff(cfg, cache, reference) -> float:
   """Largest |cache - reference| over the main layers' latents, the scanned layout compared per layer."""
   layers = cache["layers"]
   if isinstance(layers, dict):
-    layers = [jax.tree.map(lambda v, j=j: v[j], layers[name])
-              for name, a, b, _ in layer_runs(cfg) for j in range(b - a)]
+    layers = [c for name, a, b, _ in layer_runs(cfg) for c in _unstack(layers[name], b - a)]
   return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
              for x, y in zip(jax.tree.leaves(list(layers)), jax.tree.leaves(list(reference["layers"]))))
