@@ -1,0 +1,76 @@
+"""analysis.profile: op_name parsing, HLO metadata, and a real profiler trace folded onto Flax modules."""
+
+import glob
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from deepseek_jax.analysis import profile
+
+
+def test_split_op_name_forward_backward_and_remat_paths():
+  fwd = "jit(step)/jvp(DeepSeekV3)/DeepSeekV3.main/layers_2/mlp/experts/NBD,NDG->NBG/dot_general"
+  assert profile.split_op_name(fwd) == ("forward", "DeepSeekV3.main/mlp/experts/NBD,NDG->NBG", 2, "dot_general")
+  # A rematerialized forward inside the backward restates the module path after the transpose.
+  remat = ("jit(step)/transpose(jvp(DeepSeekV3))/DeepSeekV3.main/layers_1/mlp/experts/jvp(DeepSeekV3)/"
+           "DeepSeekV3.main/layers_1/mlp/experts/checkpoint/NBF,NFD->NBD/dot_general")
+  assert profile.split_op_name(remat) == ("backward", "DeepSeekV3.main/mlp/experts/NBF,NFD->NBD", 1,
+                                          "dot_general")
+  # Nested jits (jax.nn.silu) are not modules; ops outside the gradient (the optimizer) are 'other'.
+  assert profile.split_op_name("jit(step)/jvp(DeepSeekV3)/DeepSeekV3.main/layers_0/mlp/jit(silu)/div") == (
+      "forward", "DeepSeekV3.main/mlp", 0, "div")
+  assert profile.split_op_name("jit(step)/jit(_where)/select_n") == ("other", "", None, "select_n")
+  assert profile.split_op_name("") == ("other", "", None, "")
+
+
+def test_hlo_metadata_reads_shapes_and_op_names():
+  f = jax.jit(lambda x: (jnp.sort(x), jnp.argsort(x), x @ x.T))
+  text = f.lower(jnp.ones((8, 8))).compile().as_text()
+  meta = profile.hlo_metadata(text)
+  dots = [(s, n) for s, n in meta.values() if n.endswith("dot_general")]
+  assert dots and all(s.startswith("f32[8,8]") for s, _ in dots)
+  tuples = [s for s, _ in meta.values() if s.startswith("(")]
+  assert tuples and all(s.endswith(")") for s in tuples)   # tuple shapes are read whole
+
+
+class _Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(256, name="up")(x)
+    return nn.Dense(128, name="down")(jnp.tanh(x))
+
+
+def test_profile_ops_folds_a_trace_onto_modules(tmp_path):
+  model = _Mlp()
+  x = jnp.ones((512, 128))
+  params = model.init(jax.random.PRNGKey(0), x)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x) ** 2)))
+  hlo = tmp_path / "grad.hlo.txt"
+  p = profile.profile_ops(grad, params, x, runs=2, trace_dir=str(tmp_path / "trace"), hlo_path=str(hlo))
+  assert glob.glob(str(tmp_path / "trace" / "**" / "*.xplane.pb"), recursive=True)
+  assert hlo.read_text() == grad.lower(params, x).compile().as_text()
+  assert p.runs == 2 and p.lanes >= 1 and p.wall_ms > 0 and p.busy_ms > 0 and 0 < p.utilization
+  assert sum(ms for _, ms in p.by("phase")) == pytest.approx(p.busy_ms)
+  assert [o.ms for o in p.ops] == sorted((o.ms for o in p.ops), reverse=True)
+  modules = {(o.phase, o.module) for o in p.ops if o.primitive in ("dot_general", "transpose")}
+  # Both Dense layers' products, forward and backward (the weight gradient is dot_general's transpose),
+  # found under their module names.
+  assert {("forward", "_Mlp/up"), ("forward", "_Mlp/down"), ("backward", "_Mlp/up"),
+          ("backward", "_Mlp/down")} <= modules
+  d = p.to_dict(top=5)
+  assert len(d["ops"]) == min(5, len(p.ops)) and d["busy_ms"] == pytest.approx(p.busy_ms)
+  text = profile.summarize(p, top=5)
+  assert "_Mlp/up" in text and "utilization" in text
+
+
+def test_profile_ops_without_gradients_is_all_forward():
+  f = jax.jit(lambda a, b: jnp.sin(a @ b))
+  a = jnp.ones((256, 256))
+  p = profile.profile_ops(f, a, a, runs=1)
+  assert {o.phase for o in p.ops} == {"forward"}
+  assert os.path.isdir(p.trace_dir)
+  with pytest.raises(ValueError, match="runs"):
+    profile.profile_ops(f, a, a, runs=0)
