@@ -34,6 +34,8 @@ flags.DEFINE_string("remat", "", "Train suite: also time our step under these re
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")
+flags.DEFINE_string("profile", "", "Train suite: also profile our step into this directory (the jax profiler "
+                    "trace, the optimized HLO, ops.json) and print where its time goes.")
 FLAGS = flags.FLAGS
 
 

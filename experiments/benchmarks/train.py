@@ -7,7 +7,9 @@ against the matmul peak measured in the same run in the compute dtype (`--dtype`
 float32), and on a GPU the datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also
 against its dense peak (`mfu_vs_datasheet`).  Every contender (ours, our step under the `--remat` policies
 and `--scan_layers`, transformers) is compiled and warmed up first and then timed in interleaved rounds, one
-step of each per round, so that a slow phase of a shared machine hits all of them alike.
+step of each per round, so that a slow phase of a shared machine hits all of them alike.  `--profile=DIR`
+then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto),
+the optimized HLO, and each op's milliseconds by phase, module and op kind.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _ours(cfg, batch, seq_len):
   t0 = time.perf_counter()
   jax.block_until_ready(step(state, data))
   compile_s = time.perf_counter() - t0
-  return (lambda: jax.block_until_ready(step(state, data)[1]["loss"])), compile_s
+  return (lambda: jax.block_until_ready(step(state, data)[1]["loss"])), compile_s, (step, state, data)
 
 
 def _transformers(cfg, batch, seq_len, threads):
@@ -104,13 +106,13 @@ def run(flags) -> dict:
   half = cfg.dtype in ("bfloat16", "float16")
   datasheet = gpu.peak_flops("bf16") if gpu is not None and half else None
   thunks, compile_s = {}, {}
-  thunks["ours"], compile_s["ours"] = _ours(cfg, batch, seq_len)
+  thunks["ours"], compile_s["ours"], ours_step = _ours(cfg, batch, seq_len)
   variants = {f"remat:{p}": dataclasses.replace(cfg, remat_policy=p)
               for p in (getattr(flags, "remat", "") or "").split(",") if p and p != cfg.remat_policy}
   if getattr(flags, "scan_layers", False) and not cfg.scan_layers:
     variants["scan_layers"] = dataclasses.replace(cfg, scan_layers=True)
   for name, variant in variants.items():
-    thunks[name], compile_s[name] = _ours(variant, batch, seq_len)
+    thunks[name], compile_s[name], _ = _ours(variant, batch, seq_len)
   hf = _transformers(cfg, batch, seq_len, threads) if jax.default_backend() == "cpu" else None
   if hf is not None:
     thunks["transformers"], hf_info = hf
@@ -139,4 +141,26 @@ def run(flags) -> dict:
                                   tokens_per_s=tokens / timed["transformers"]["median_s"],
                                   mfu=train_flops * tokens / timed["transformers"]["median_s"] / peak)
     result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+  if getattr(flags, "profile", ""):
+    try:   # the profile is extra: a trace that cannot be read must not lose the timings
+      result["profile"] = _profile(ours_step, flags.profile)
+    except (RuntimeError, OSError, ValueError) as err:
+      result["profile_error"] = f"{type(err).__name__}: {err}"
   return result
+
+
+def _profile(step_and_args, out_dir: str) -> dict:
+  """Profiles our step (`analysis.profile`): the trace under out_dir/trace, the optimized HLO in
+  out_dir/train_step.hlo.txt, every op's time in out_dir/ops.json and the tables in out_dir/summary.txt,
+  which also go to stderr."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.analysis import profile  # pylint: disable=g-import-not-at-top
+  step, state, data = step_and_args
+  p = profile.profile_ops(step, state, data, runs=3, trace_dir=os.path.join(out_dir, "trace"),
+                          hlo_path=os.path.join(out_dir, "train_step.hlo.txt"))
+  profile.save(p, out_dir)
+  print(profile.summarize(p), file=sys.stderr, flush=True)
+  d = p.to_dict(top=10)
+  return {"dir": out_dir, **{k: d[k] for k in ("wall_ms", "busy_ms", "lanes", "utilization", "by_phase")},
+          "by_module": d["by_module"][:15], "ops": d["ops"]}

@@ -1,0 +1,21 @@
+"""The train benchmark's profile of our step: files written, time attributed to the model's modules."""
+
+import json
+import os
+
+from experiments.benchmarks import train as train_bench
+from experiments.benchmarks.common import bench_config
+
+
+def test_profile_of_our_step_names_the_layers(tmp_path):
+  _, _, step_and_args = train_bench._ours(bench_config("tiny"), 2, 32)  # pylint: disable=protected-access
+  out = train_bench._profile(step_and_args, str(tmp_path))  # pylint: disable=protected-access
+  assert {"trace", "train_step.hlo.txt", "ops.json", "summary.txt"} <= set(os.listdir(tmp_path))
+  with open(tmp_path / "ops.json") as f:
+    ops = json.load(f)["ops"]
+  seen = {(o["phase"], o["module"].split("/")[1] if "/" in o["module"] else o["module"]) for o in ops}
+  # Attention and MoE layers, forward and backward, and the optimizer outside the gradient.
+  for phase in ("forward", "backward"):
+    assert (phase, "self_attn") in seen and (phase, "mlp") in seen
+  assert any(o["phase"] == "other" for o in ops)
+  assert out["busy_ms"] > 0 and 0 < out["utilization"] and out["by_module"]
