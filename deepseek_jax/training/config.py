@@ -112,6 +112,9 @@ def default_config() -> config_dict.ConfigDict:
   c.batch_ramp = config_dict.ConfigDict(dict(enabled=False, start_fraction=RAMP_START,
                                              ramp_fraction=RAMP_FRACTION))
   c.sample = config_dict.ConfigDict(dict(num=0, length=120, temperature=0.8, prompt="def "))
+  # Profile `steps` steps from the one that starts at start_step (after the compiling first step by
+  # default) into workdir/profile: the jax profiler trace and the op times by module (0 steps: off).
+  c.profile = config_dict.ConfigDict(dict(start_step=1, steps=0))
   return c
 
 

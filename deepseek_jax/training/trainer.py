@@ -7,7 +7,8 @@
      else initializes (or loads `init_from`);
   4. loops: next global batch (this process's rows, assembled into one sharded array) -> jitted train step ->
      metrics every log_every steps -> held-out loss and bits per byte every eval_every steps -> checkpoint
-     every checkpoint_every steps;
+     every checkpoint_every steps; the steps of `config.profile` (from start_step, `steps` of them) under
+     the jax profiler, folded onto the model's modules into workdir/profile (`analysis.profile`);
   5. stops at `steps`, on SIGTERM/SIGINT, or after max_bad_steps consecutive non-finite steps - always with
      a checkpoint - and at the end of a finished run prints a few sampled lines of text.
 The same workdir resumes exactly: same batches, same losses.
@@ -41,6 +42,7 @@ import numpy as np
 
 from deepseek_jax import distributed
 from deepseek_jax import sharding as sharding_lib
+from deepseek_jax.analysis import profile as profile_lib
 from deepseek_jax.model import DeepSeekV3, to_layer_layout
 from deepseek_jax.training.checkpoint import Checkpointer
 from deepseek_jax.training.config import model_config
@@ -65,6 +67,10 @@ def _check_config(config) -> None:
     v = config[name]
     if not isinstance(v, int) or v < 0:
       raise UserError(f"config.{name}={v!r} must be a non-negative integer (0 = never)")
+  for name in ("start_step", "steps"):
+    v = config.profile[name]
+    if not isinstance(v, int) or v < 0:
+      raise UserError(f"config.profile.{name}={v!r} must be a non-negative integer")
   if config.optimizer.mu_dtype not in ("float32", "bfloat16"):
     raise UserError(f"config.optimizer.mu_dtype={config.optimizer.mu_dtype!r}: expected 'float32' or "
                     "'bfloat16'")
@@ -241,11 +247,11 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
 
   Args:
     config: experiment ConfigDict (`deepseek_jax.training.config.default_config` schema).
-    workdir: run directory (checkpoints/, metrics.jsonl, tensorboard/, tokenizer/, samples.txt).
+    workdir: run directory (checkpoints/, metrics.jsonl, tensorboard/, tokenizer/, samples.txt, profile/).
     init_from: directory of a converted checkpoint to start from (ignored when workdir has a checkpoint).
   Returns:
     Summary: {'step', 'first_loss', 'last_loss', 'eval_loss', 'eval_bpb', 'tokens_per_sec', 'wall_s',
-    'stopped' ('done' | 'signal'), 'samples'}.
+    'stopped' ('done' | 'signal'), 'samples'}, and 'profile' (its directory) when steps were profiled.
   Raises:
     UserError: a problem with the config, the data or the devices.
     TrainingDiverged: max_bad_steps consecutive non-finite steps.
@@ -335,6 +341,8 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
   stopped = "done"
   interval_tokens, interval_t0, measured_tokens, measured_time = 0, None, 0, 0.0
   pending = None  # (step, bad_streak) of the newest step, read by the guard one step later
+  window = profile_lib.TraceWindow(os.path.join(workdir, "profile"), int(config.profile.start_step),
+                                   int(config.profile.steps))
 
   def guard(entry):
     """Stops the run once max_bad_steps consecutive steps were skipped (saving the state first)."""
@@ -350,8 +358,16 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
       while step < steps:
         bs = schedules.global_batch(step, quantum)
         local = batches.next_batch(bs)
-        state, metrics = train_step(state, _global_batch(local, batch_sharding, bs))
+        window.before(step, state)
+        batch = _global_batch(local, batch_sharding, bs)
+        state, metrics = train_step(state, batch)
         step += 1
+        profiled = window.after(step, train_step, (state, batch), state, main=is_main)
+        if profiled is not None:
+          summary["profile"] = window.out_dir
+          (progress.write if progress is not None else print)(profile_lib.summarize(profiled))
+          if interval_t0 is not None:   # the profiled steps and their folding are not training throughput
+            interval_t0, interval_tokens = time.time(), 0
         # The guard reads the previous step's streak (cumulative, so no step goes unseen) while this one
         # is already queued: the host never waits on the step it just dispatched.
         previous, pending = pending, (step, metrics["bad_streak"])
@@ -398,6 +414,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
       save(step)
       ckpt.wait()
   finally:
+    window.close()
     if progress is not None:
       progress.close()
     ckpt.close()

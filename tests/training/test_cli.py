@@ -1,11 +1,10 @@
 """The train command end to end (subprocesses): exact resume, SIGTERM, an unreadable checkpoint, user errors."""
 
-import os
-import shutil
+import glob
+import json
 import signal
 import time
 
-import numpy as np
 import pytest
 
 from deepseek_jax.training import read_metrics
@@ -21,12 +20,27 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
   wd = tmp_path_factory.mktemp("baseline")
-  r = run_train(wd, *micro_flags(steps=2 * N))
+  # Steps 3 and 4 under the profiler: it must leave the losses alone (the resumed runs compared with
+  # these are not profiled).
+  r = run_train(wd, *micro_flags(steps=2 * N), "--config.profile.start_step=2", "--config.profile.steps=2")
   assert r.returncode == 0, r.stderr[-3000:]
   losses = _losses(wd)
   assert sorted(losses) == list(range(1, 2 * N + 1))
   assert (wd / "tokenizer" / "tokenizer_config.json").is_file()
-  return losses
+  return losses, wd
+
+
+def test_profiled_steps_are_folded_onto_the_model(baseline):
+  _, wd = baseline
+  with open(wd / "profile" / "ops.json") as f:
+    prof = json.load(f)
+  assert prof["runs"] == 2 and prof["module_name"].startswith("jit_") and prof["wall_ms"] > 0
+  modules = {(o["phase"], o["module"]) for o in prof["ops"]}
+  for phase in ("forward", "backward"):
+    assert any(p == phase and "/self_attn" in m for p, m in modules)
+    assert any(p == phase and "/mlp" in m for p, m in modules)
+  assert "utilization" in (wd / "profile" / "summary.txt").read_text()
+  assert glob.glob(str(wd / "profile" / "trace" / "**" / "*.xplane.pb"), recursive=True)
 
 
 def _assert_same(losses, baseline):
@@ -42,7 +56,7 @@ def test_stop_and_resume_reproduces_losses(baseline, tmp_path):
   r = run_train(tmp_path, *micro_flags(steps=2 * N))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from" in r.stdout
-  _assert_same(_losses(tmp_path), baseline)
+  _assert_same(_losses(tmp_path), baseline[0])
 
 
 
@@ -65,7 +79,7 @@ def test_sigterm_saves_and_restart_reproduces_losses(baseline, tmp_path):
   assert saved and 3 <= saved[-1] < 2 * N, saved  # checkpoint_every=0: only the signal saved one
   r = run_train(tmp_path, *micro_flags(steps=2 * N, checkpoint_every=0))
   assert r.returncode == 0, r.stderr[-3000:]
-  _assert_same(_losses(tmp_path), baseline)
+  _assert_same(_losses(tmp_path), baseline[0])
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -74,6 +88,7 @@ def test_sigterm_saves_and_restart_reproduces_losses(baseline, tmp_path):
     (["--config.batch_size=5", "--config.mesh.data=2"], "does not split over the data axes"),
     (["--config.model.vocab_size=200"], "tokenizer vocab_size=259 exceeds the model's vocab_size=200"),
     (["--config.model.hidden_size=-4"], "hidden_size=-4 must be a positive integer"),
+    (["--config.profile.steps=-1"], "config.profile.steps=-1 must be a non-negative integer"),
 ])
 def test_user_errors_exit_2(tmp_path, flags, message):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
