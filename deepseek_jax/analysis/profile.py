@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import json
 import os
 import re
 import statistics
@@ -174,6 +175,12 @@ def _xplane_files(trace_dir: str) -> list[str]:
   return sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
 
 
+def trace_snapshot(trace_dir: str) -> frozenset:
+  """The trace files under trace_dir with their modification times (what `new_trace` leaves out): two
+  traces started in the same second share a file name, so the name alone does not tell them apart."""
+  return frozenset((f, os.stat(f).st_mtime_ns) for f in _xplane_files(trace_dir))
+
+
 def op_events(xplane_path: str, module_name: Optional[str] = None) -> Iterable[tuple[str, str, float]]:
   """(lane, hlo op, duration ms) of every executed HLO op in a trace file, optionally of one HLO module.
 
@@ -226,17 +233,14 @@ def profile_ops(fn: Callable, *args, runs: int = 3, trace_dir: Optional[str] = N
       f.write(hlo_text)
   jax.block_until_ready(compiled(*args, **kwargs))
   trace_dir = trace_dir or tempfile.mkdtemp(prefix="deepseek_jax_profile_")
-  before = set(_xplane_files(trace_dir))
+  before = trace_snapshot(trace_dir)
   walls = []
   with jax.profiler.trace(trace_dir):
     for _ in range(runs):
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(*args, **kwargs))
       walls.append(time.perf_counter() - t0)
-  files = [f for f in _xplane_files(trace_dir) if f not in before]
-  if not files:
-    raise RuntimeError(f"profile_ops: jax.profiler.trace wrote no .xplane.pb under {trace_dir}")
-  return fold_trace(files[-1], hlo_text, runs=runs, wall_ms=statistics.median(walls) * 1e3)
+  return fold_trace(new_trace(trace_dir, before), hlo_text, runs=runs, wall_ms=statistics.median(walls) * 1e3)
 
 
 def module_name_of(hlo_text: str) -> Optional[str]:
@@ -245,11 +249,12 @@ def module_name_of(hlo_text: str) -> Optional[str]:
   return first.split()[1].rstrip(",") if first.startswith("HloModule ") else None
 
 
-def latest_trace(trace_dir: str) -> str:
-  """The newest .xplane.pb under a `jax.profiler` trace directory."""
-  files = _xplane_files(trace_dir)
+def new_trace(trace_dir: str, before: frozenset = frozenset()) -> str:
+  """The newest .xplane.pb under a `jax.profiler` trace directory that is not in `before` (its
+  `trace_snapshot` when tracing started), so that a reused directory never yields an older trace."""
+  files = [f for f in _xplane_files(trace_dir) if (f, os.stat(f).st_mtime_ns) not in before]
   if not files:
-    raise RuntimeError(f"no .xplane.pb under {trace_dir}")
+    raise RuntimeError(f"jax.profiler wrote no new .xplane.pb under {trace_dir}")
   return files[-1]
 
 
@@ -291,10 +296,8 @@ def summarize(profile: Profile, top: int = 25) -> str:
                       f"{'ms':>9}  longest ops\n{longest}"])
 
 
-
 def save(profile: Profile, out_dir: str, top: int = 25) -> None:
   """Writes out_dir/ops.json (`Profile.to_dict` with every op) and out_dir/summary.txt (`summarize`)."""
-  import json  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "ops.json"), "w") as f:
     json.dump(profile.to_dict(top=len(profile.ops)), f, indent=1)
@@ -316,6 +319,7 @@ class TraceWindow:
       raise ValueError(f"TraceWindow: start and steps must be >= 0, got start={start}, steps={steps}")
     self.out_dir, self.start, self.steps = out_dir, start, steps
     self._t0: Optional[float] = None
+    self._before: frozenset = frozenset()
 
   @property
   def active(self) -> bool:
@@ -325,22 +329,25 @@ class TraceWindow:
     """Starts the trace when `step` is the window's first (waiting for `live` arrays to be computed)."""
     if self.steps and step == self.start and not self.active:
       jax.block_until_ready(live)
-      jax.profiler.start_trace(os.path.join(self.out_dir, "trace"))
+      trace_dir = os.path.join(self.out_dir, "trace")
+      self._before = trace_snapshot(trace_dir)
+      jax.profiler.start_trace(trace_dir)
       self._t0 = time.perf_counter()
 
-  def after(self, step: int, fn: Callable, args: Sequence, *live, main: bool = True) -> Optional[Profile]:
-    """Ends the trace once `step` steps are done and the window is full; returns the folded Profile of `fn`
-    (lowered on `args` for its HLO) and saves it when `main` (else None)."""
+  def after(self, step: int, fn: Callable, args: Sequence, *, main: bool = True) -> Optional[Profile]:
+    """Ends the trace once `step` steps are done and the window is full (waiting for `args`, the step's
+    outputs); returns the folded Profile of `fn` (lowered on `args` for its HLO) and saves it when `main`
+    (else None)."""
     if not self.active or step != self.start + self.steps:
       return None
-    jax.block_until_ready(live)
+    jax.block_until_ready(args)
     wall_ms = (time.perf_counter() - self._t0) * 1e3 / self.steps
     jax.profiler.stop_trace()
     self._t0 = None
     if not main:
       return None
-    p = fold_trace(latest_trace(os.path.join(self.out_dir, "trace")), fn.lower(*args).compile().as_text(),
-                   runs=self.steps, wall_ms=wall_ms)
+    p = fold_trace(new_trace(os.path.join(self.out_dir, "trace"), self._before),
+                   fn.lower(*args).compile().as_text(), runs=self.steps, wall_ms=wall_ms)
     save(p, self.out_dir)
     return p
 

@@ -362,7 +362,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None) -> dict[str,
         batch = _global_batch(local, batch_sharding, bs)
         state, metrics = train_step(state, batch)
         step += 1
-        profiled = window.after(step, train_step, (state, batch), state, main=is_main)
+        profiled = window.after(step, train_step, (state, batch), main=is_main)
         if profiled is not None:
           summary["profile"] = window.out_dir
           (progress.write if progress is not None else print)(profile_lib.summarize(profiled))

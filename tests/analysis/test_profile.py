@@ -72,5 +72,12 @@ def test_profile_ops_without_gradients_is_all_forward():
   p = profile.profile_ops(f, a, a, runs=1)
   assert {o.phase for o in p.ops} == {"forward"}
   assert os.path.isdir(p.trace_dir)
+  # A reused trace directory: the second profile reads its own trace, never the first one's.
+  again_dir = os.path.dirname(os.path.dirname(p.trace_dir))
+  before = profile.trace_snapshot(again_dir)
+  again = profile.profile_ops(f, a, a, runs=2, trace_dir=again_dir)
+  assert again.runs == 2 and profile.new_trace(again_dir) and profile.trace_snapshot(again_dir) != before
+  with pytest.raises(RuntimeError, match="no new"):
+    profile.new_trace(again_dir, profile.trace_snapshot(again_dir))
   with pytest.raises(ValueError, match="runs"):
     profile.profile_ops(f, a, a, runs=0)
