@@ -31,6 +31,9 @@ flags.DEFINE_integer("seq_len", 0, "Train suite: sequence length (0: 256); decod
                      "(0: 4096).")
 flags.DEFINE_string("remat", "", "Train suite: also time our step under these remat policies, e.g. "
                     "'full,dots'.")
+flags.DEFINE_string("maxtext", "dense", "Train suite: MaxText's own train step on the same config, in these "
+                    "modes of its expert layer (experiments/benchmarks/maxtext_step.py: dense, sparse, "
+                    "capacity), where maxtext is importable; 'none' skips it.")
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")

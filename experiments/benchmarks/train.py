@@ -1,12 +1,14 @@
-"""`--suite=train`: training-step tokens/s and MFU, ours and transformers' DeepseekV3 side by side.
+"""`--suite=train`: training-step tokens/s and MFU, ours, transformers' DeepseekV3 and MaxText side by side.
 
-Both run the same config, batch and thread count in one process: ours is the library's train step
-(AdamW, clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW. MFU counts
+All run the same config, batch and thread count in one process: ours is the library's train step
+(AdamW, clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW, MaxText's
+is its own jitted `train_step` set up by its own `train_utils` (`maxtext_step`; `--maxtext` picks the modes
+of its expert layer, where maxtext is importable, which needs Python >= 3.12). MFU counts
 the model's matmul FLOPs (`analysis.train_flops_per_token`, full attention since both compute it masked)
 against the matmul peak measured in the same run in the compute dtype (`--dtype`, default the preset's
 float32), and on a GPU the datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also
 against its dense peak (`mfu_vs_datasheet`).  Every contender (ours, our step under the `--remat` policies
-and `--scan_layers`, transformers) is compiled and warmed up first and then timed in interleaved rounds, one
+and `--scan_layers`, transformers, MaxText) is compiled and warmed up first and then timed in interleaved rounds, one
 step of each per round, so that a slow phase of a shared machine hits all of them alike.  `--profile=DIR`
 then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto),
 the optimized HLO, and each op's milliseconds by phase, module and op kind.
@@ -26,6 +28,7 @@ from deepseek_jax.analysis.hardware import gpu_for_device
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
+from experiments.benchmarks import maxtext_step
 from experiments.benchmarks.common import bench_config, interleaved, machine, matmul_peak
 
 
@@ -116,6 +119,13 @@ def run(flags) -> dict:
   hf = _transformers(cfg, batch, seq_len, threads) if jax.default_backend() == "cpu" else None
   if hf is not None:
     thunks["transformers"], hf_info = hf
+  mt_variants = [v for v in (getattr(flags, "maxtext", "dense") or "").split(",") if v and v != "none"]
+  mt_info = {}
+  if mt_variants and maxtext_step.available():
+    for v in mt_variants:
+      t0 = time.perf_counter()
+      thunks[f"maxtext:{v}"], mt_info[v] = maxtext_step.maxtext_train_step(cfg, batch, seq_len, v)
+      mt_info[v]["compile_s"] = time.perf_counter() - t0
   timed = interleaved(thunks, runs)
   ours = timed["ours"]
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
@@ -141,6 +151,14 @@ def run(flags) -> dict:
                                   tokens_per_s=tokens / timed["transformers"]["median_s"],
                                   mfu=train_flops * tokens / timed["transformers"]["median_s"] / peak)
     result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+  if mt_info:
+    result["maxtext"] = {v: dict(timed[f"maxtext:{v}"], **info,
+                                 tokens_per_s=tokens / timed[f"maxtext:{v}"]["median_s"],
+                                 mfu=train_flops * tokens / timed[f"maxtext:{v}"]["median_s"] / peak)
+                         for v, info in mt_info.items()}
+    result["speedup_vs_maxtext"] = {v: timed[f"maxtext:{v}"]["median_s"] / ours["median_s"] for v in mt_info}
+  elif mt_variants:
+    result["maxtext"] = "not importable (pip install maxtext; it needs Python >= 3.12)"
   if getattr(flags, "profile", ""):
     try:   # the profile is extra: a trace that cannot be read must not lose the timings
       result["profile"] = _profile(ours_step, flags.profile)
