@@ -11,8 +11,8 @@ MaxText's expert layer has three modes, each a `VARIANTS` entry:
                dropless, and MaxText's fastest dropless mode on CPU;
   'sparse'     (sparse_matmul=True, megablox=False): tokens sorted by expert, `jax.lax.ragged_dot`;
   'capacity'   (sparse_matmul=False, capacity_factor=1.25): a capacity-factor einsum that drops tokens.
-All run with remat_policy 'none' (MaxText's default 'full' is slower here) and unscanned layers, in our
-compute dtype.
+All keep MaxText's own defaults otherwise (remat_policy 'full', scanned layers: in one interleaved run on
+2 cores these took 1.73 s a step against 1.93 with remat 'none' and unscanned layers), in our compute dtype.
 """
 
 from __future__ import annotations
@@ -106,8 +106,7 @@ def maxtext_train_step(cfg, batch: int, seq_len: int, variant: str = "dense", **
       dataset_type="synthetic", enable_checkpointing=False, enable_tensorboard=False,
       enable_goodput_recording=False, monitor_goodput=False, skip_jax_distributed_system=True,
       steps=1000, learning_rate=1e-3, log_period=1_000_000, per_device_batch_size=batch / jax.device_count(),
-      max_target_length=seq_len, packing=False, remat_policy="none", scan_layers=False,
-      gradient_clipping_threshold=1.0, opt_type="adamw",
+      max_target_length=seq_len, packing=False, gradient_clipping_threshold=1.0, opt_type="adamw",
       **maxtext_overrides(cfg), **VARIANTS[variant])
   overrides.update(extra)
   base = os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml")
