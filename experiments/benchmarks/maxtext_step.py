@@ -17,9 +17,11 @@ All keep MaxText's own defaults otherwise (remat_policy 'full', scanned layers: 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 
@@ -100,8 +102,10 @@ def maxtext_train_step(cfg, batch: int, seq_len: int, variant: str = "dense", **
   from maxtext.trainers.pre_train import train  # pylint: disable=g-import-not-at-top
   from maxtext.utils import sharding, train_utils  # pylint: disable=g-import-not-at-top
 
+  out_dir = tempfile.mkdtemp(prefix="maxtext_bench_")   # MaxText's base_output_directory, empty here
+  atexit.register(shutil.rmtree, out_dir, True)
   overrides = dict(
-      run_name=f"bench_{variant}", base_output_directory=tempfile.mkdtemp(prefix="maxtext_bench_"),
+      run_name=f"bench_{variant}", base_output_directory=out_dir,
       hardware=jax.default_backend() if jax.default_backend() in ("cpu", "gpu") else "tpu",
       dataset_type="synthetic", enable_checkpointing=False, enable_tensorboard=False,
       enable_goodput_recording=False, monitor_goodput=False, skip_jax_distributed_system=True,
