@@ -8,8 +8,8 @@ the model's matmul FLOPs (`analysis.train_flops_per_token`, full attention since
 against the matmul peak measured in the same run in the compute dtype (`--dtype`, default the preset's
 float32), and on a GPU the datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also
 against its dense peak (`mfu_vs_datasheet`).  Every contender (ours, our step under the `--remat` policies
-and `--scan_layers`, transformers, MaxText) is compiled and warmed up first and then timed in interleaved rounds, one
-step of each per round, so that a slow phase of a shared machine hits all of them alike.  `--profile=DIR`
+and `--scan_layers`, transformers, MaxText) is compiled and warmed up first and then timed in interleaved
+rounds, one step of each per round, so that a slow phase of a shared machine hits all of them alike.  `--profile=DIR`
 then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto),
 the optimized HLO, and each op's milliseconds by phase, module and op kind.
 """
@@ -158,7 +158,7 @@ def run(flags) -> dict:
                          for v, info in mt_info.items()}
     result["speedup_vs_maxtext"] = {v: timed[f"maxtext:{v}"]["median_s"] / ours["median_s"] for v in mt_info}
   elif mt_variants:
-    result["maxtext"] = "not importable (pip install maxtext; it needs Python >= 3.12)"
+    result["maxtext"] = "not importable here (bash experiments/maxtext_env.sh makes its Python 3.12 environment)"
   if getattr(flags, "profile", ""):
     try:   # the profile is extra: a trace that cannot be read must not lose the timings
       result["profile"] = _profile(ours_step, flags.profile)
