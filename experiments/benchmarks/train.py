@@ -1,17 +1,17 @@
 """`--suite=train`: training-step tokens/s and MFU, ours, transformers' DeepseekV3 and MaxText side by side.
 
-All run the same config, batch and thread count in one process: ours is the library's train step
-(AdamW, clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW, MaxText's
-is its own jitted `train_step` set up by its own `train_utils` (`maxtext_step`; `--maxtext` picks the modes
-of its expert layer, where maxtext is importable, which needs Python >= 3.12). MFU counts
-the model's matmul FLOPs (`analysis.train_flops_per_token`, full attention since both compute it masked)
-against the matmul peak measured in the same run in the compute dtype (`--dtype`, default the preset's
-float32), and on a GPU the datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also
-against its dense peak (`mfu_vs_datasheet`).  Every contender (ours, our step under the `--remat` policies
-and `--scan_layers`, transformers, MaxText) is compiled and warmed up first and then timed in interleaved
-rounds, one step of each per round, so that a slow phase of a shared machine hits all of them alike.  `--profile=DIR`
-then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto),
-the optimized HLO, and each op's milliseconds by phase, module and op kind.
+All run the same config, batch and thread count in one process: ours is the library's train step (AdamW,
+clipping, balance loss, bias update), transformers' is forward + backward + torch AdamW, MaxText's is its own
+jitted `train_step` set up by its own `train_utils` (`maxtext_step`; `--maxtext` picks the modes of its expert
+layer, where maxtext is importable, which needs Python >= 3.12). MFU counts the model's matmul FLOPs
+(`analysis.train_flops_per_token`, full attention since all compute it masked) against the matmul peak
+measured in the same run in the compute dtype (`--dtype`, default the preset's float32), and on a GPU the
+datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also against its dense peak
+(`mfu_vs_datasheet`). Every contender (ours, our step under the `--remat` policies and `--scan_layers`,
+transformers, MaxText) is compiled and warmed up first and then timed in interleaved rounds, one step of each
+per round, so that a slow phase of a shared machine hits all of them alike. `--profile=DIR` then profiles our
+step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto), the optimized HLO,
+and each op's milliseconds by phase, module and op kind.
 """
 
 from __future__ import annotations
