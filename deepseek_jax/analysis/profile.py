@@ -16,16 +16,21 @@ summed by module, phase or op kind, how many milliseconds per call it ran:
   primitive the JAX primitive (`dot_general`, `gather`, ...)
 
 Times are the durations of the op events on the thread (or device line) that ran them.  A fusion counts
-under the op_name of its root, so a fusion of forward and backward work counts under one of them.  On CPU
-an op's intra-op helpers (Eigen's or YNN's worker shards) are not separate events, so `busy_ms` is a lower
-bound of the CPU time.  `utilization` = busy / (wall x lanes) is the fraction of that capacity the executor
-kept busy (its complement is time spent waiting on dependencies); lanes are the CPU cores the executor's
-threads ran on (at most the threads that ran ops) plus the GPUs' op lines.  The trace itself stays
-under `trace_dir` for TensorBoard's profile plugin or Perfetto.
+under the op_name of its root, so a fusion of forward and backward work counts under one of them.  An
+asynchronous CPU op - Eigen's dots, which XLA:CPU launches on the intra-op pool, so that their event on the
+executor thread ends at the launch - counts from its start to its completion marker ('end: <op>' on a pool
+thread, joined by flow id): without that a 100 ms dot reads as 5 ms.  On CPU an op's intra-op helpers
+(Eigen's or YNN's worker shards) are not separate events, so `busy_ms` is a lower bound of the CPU time.
+`utilization` = busy / (wall x lanes) is the fraction of that capacity the executor kept busy (its
+complement is time spent waiting on dependencies; an asynchronous op overlaps the ops launched after it,
+so it can exceed 100%); lanes are the CPU cores the executor's threads ran on (at most the threads that
+ran ops) plus the GPUs' op lines.  The trace itself stays under `trace_dir` for TensorBoard's profile
+plugin or Perfetto.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import glob
@@ -181,13 +186,37 @@ def trace_snapshot(trace_dir: str) -> frozenset:
   return frozenset((f, os.stat(f).st_mtime_ns) for f in _xplane_files(trace_dir))
 
 
+def _completions(planes) -> dict[tuple[int, str], list[int]]:
+  """{(flow id, hlo op): sorted timestamps ns} of the 'end: <op>' markers that XLA:CPU's thunk executor
+  leaves on an intra-op thread when an asynchronous op (Eigen's dots) completes; the marker's '_c' stat is
+  the flow id that the op's own event carries as '_p'."""
+  ends = collections.defaultdict(list)
+  for plane in planes:
+    for line in plane.lines:
+      for ev in line.events:
+        if ev.name.startswith("end: "):
+          flow = dict(ev.stats).get("_c")
+          if flow is not None:
+            ends[(int(flow), ev.name[5:])].append(int(ev.start_ns))
+  for v in ends.values():
+    v.sort()
+  return ends
+
+
 def op_events(xplane_path: str, module_name: Optional[str] = None) -> Iterable[tuple[str, str, float]]:
   """(lane, hlo op, duration ms) of every executed HLO op in a trace file, optionally of one HLO module.
 
   A lane is a (plane, line): a CPU executor thread, or a GPU's 'XLA Ops' line where the trace has one (its
-  stream lines carry the same ops again as kernels and are then skipped), else each of its stream lines."""
+  stream lines carry the same ops again as kernels and are then skipped), else each of its stream lines.
+
+  An asynchronous CPU op (an Eigen dot: XLA:CPU launches it on the intra-op pool and its event on the
+  executor thread ends at the launch) lasts from its event's start to its completion marker, the 'end: <op>'
+  event of the same flow id; without one, its event's duration is all there is.
+  """
   data = jax.profiler.ProfileData.from_file(xplane_path)
-  for plane in data.planes:
+  planes = list(data.planes)
+  ends = _completions(planes)
+  for plane in planes:
     device = plane.name.startswith("/device:")
     lines = list(plane.lines)
     if device and any(line.name == "XLA Ops" for line in lines):
@@ -200,7 +229,14 @@ def op_events(xplane_path: str, module_name: Optional[str] = None) -> Iterable[t
           continue
         if module_name is not None and stats.get("hlo_module", module_name) != module_name:
           continue
-        yield f"{plane.name}/{line.name}", str(op), ev.duration_ns / 1e6
+        duration = float(ev.duration_ns)
+        flow = stats.get("_p")
+        marks = ends.get((int(flow), str(op))) if flow is not None else None
+        if marks:
+          i = bisect.bisect_left(marks, int(ev.start_ns))
+          if i < len(marks):
+            duration = max(duration, marks[i] - float(ev.start_ns))
+        yield f"{plane.name}/{line.name}", str(op), duration / 1e6
 
 
 def profile_ops(fn: Callable, *args, runs: int = 3, trace_dir: Optional[str] = None,

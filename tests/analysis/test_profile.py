@@ -66,6 +66,19 @@ def test_profile_ops_folds_a_trace_onto_modules(tmp_path):
   assert "_Mlp/up" in text and "utilization" in text
 
 
+def test_an_asynchronous_dot_counts_until_it_completes():
+  # A transposed-operand product is an Eigen dot on XLA:CPU: launched on the intra-op pool, its event on the
+  # executor thread ends at the launch.  The program is that one dot, so the dot's time must be about all
+  # of the wall time (not the launch's few percent).
+  f = jax.jit(lambda a, b: a.T @ b)
+  a = jnp.ones((1024, 1024))
+  p = profile.profile_ops(f, a, a, runs=3)
+  dots = [o for o in p.ops if o.primitive == "dot_general"]
+  assert len(dots) == 1
+  if jax.default_backend() == "cpu":
+    assert 0.6 * p.wall_ms < dots[0].ms < 1.5 * p.wall_ms
+
+
 def test_profile_ops_without_gradients_is_all_forward():
   f = jax.jit(lambda a, b: jnp.sin(a @ b))
   a = jnp.ones((256, 256))
