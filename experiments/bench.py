@@ -39,6 +39,8 @@ flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at,
                     "(default: first_k_dense + 1 and twice that).")
 flags.DEFINE_string("profile", "", "Train suite: also profile our step into this directory (the jax profiler "
                     "trace, the optimized HLO, ops.json) and print where its time goes.")
+flags.DEFINE_float("moe_imbalance", 0.0, "MoE suite: also time every case with the routing skewed to this "
+                   "max / mean expert load, e.g. 1.6 (0: only the balanced random routing).")
 FLAGS = flags.FLAGS
 
 

@@ -4,9 +4,12 @@ For each (tokens T, experts E, top-k K) the suite times forward + backward of th
 (`ops.moe_dispatch`) with every strategy - dense (every expert on every token), blocked (the CPU default),
 the blocked layout as one chain of ops (`chains=1`, on CPU), sort + `jax.lax.ragged_dot`, sort + Pallas
 `gmm` (GPU, or small shapes in interpret mode), and a capacity-factor layout (drops overflow; for
-comparison) - next to a SwiGLU MLP of width K x F (the same active FLOPs).  Every contender of a case is
-compiled and warmed up first and then timed in interleaved rounds (those over `SLOW` x the dense MLP
-apart, after the others).  Prints JSON with times and ratios and writes a bar plot next to `--json` (or to
+comparison; the row says what fraction of the assignments it dropped) - next to a SwiGLU MLP of width
+K x F (the same active FLOPs).  The router is random, which loads the experts evenly (max / mean load
+`routing_imbalance` about 1.1 at E16); `--moe_imbalance=1.6` also times every case with a per-expert bias
+that skews the load to that max / mean, as unevenly as a freshly initialised model routes.  Every
+contender of a case is compiled and warmed up first and then timed in interleaved rounds (those over
+`SLOW` x the dense MLP apart, after the others).  Prints JSON with times and ratios and writes a bar plot next to `--json` (or to
 bench_moe.png).
 """
 
@@ -25,10 +28,37 @@ from experiments.benchmarks.common import interleaved, machine, time_fn
 SLOW = 10.0   # contenders slower than this many dense MLPs are timed apart, after the others
 
 
-def _case(t, e, k, d, f, strategies, runs):
+def load_imbalance(idx, num_experts: int) -> float:
+  """max / mean assignments per expert of a [T, K] routing."""
+  load = jnp.bincount(idx.reshape(-1), length=num_experts)
+  return float(jnp.max(load) / jnp.mean(load))
+
+
+def skew_bias(x, router, k: int, target: float):
+  """A per-expert bias [E] (a linear ramp over the experts, its spread found by bisection) that makes the
+  top-k of sigmoid(x @ router + bias) load the experts with max / mean = `target`, or zeros when the
+  unbiased routing is already at least that imbalanced.  Fresh models route this unevenly: the bench-6.5m
+  config's MoE layers start at 1.4-1.7."""
+  e = router.shape[1]
+  ramp = jnp.linspace(-1.0, 1.0, e)
+  logits = x @ router
+  imbalance = lambda spread: load_imbalance(jax.lax.top_k(jax.nn.sigmoid(logits + spread * ramp), k)[1], e)
+  if imbalance(0.0) >= target:
+    return jnp.zeros((e,))
+  lo, hi = 0.0, 1.0
+  while imbalance(hi) < target and hi < 64:
+    lo, hi = hi, 2 * hi
+  for _ in range(30):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if imbalance(mid) < target else (lo, mid)
+  return hi * ramp
+
+
+def _case(t, e, k, d, f, strategies, runs, imbalance: float = 0.0):
   keys = jax.random.split(jax.random.PRNGKey(0), 8)
   x = jax.random.normal(keys[0], (t, d))
   router = jax.random.normal(keys[1], (d, e)) / d ** 0.5
+  bias = skew_bias(x, router, k, imbalance) if imbalance > 0 else jnp.zeros((e,))
   wg = jax.random.normal(keys[2], (e, d, f)) / d ** 0.5
   wu = jax.random.normal(keys[3], (e, d, f)) / d ** 0.5
   wd = jax.random.normal(keys[4], (e, f, d)) / f ** 0.5
@@ -37,7 +67,7 @@ def _case(t, e, k, d, f, strategies, runs):
 
   def routed(fn):
     def loss(x, wg, wu, wd):
-      scores = jax.nn.sigmoid(x @ router)
+      scores = jax.nn.sigmoid(x @ router + bias)
       w, idx = jax.lax.top_k(scores, k)
       return jnp.sum(fn(x, idx, w, wg, wu, wd) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -56,8 +86,13 @@ def _case(t, e, k, d, f, strategies, runs):
   mlp = jax.jit(jax.value_and_grad(mlp_loss, argnums=(0, 1, 2, 3)))
   thunks = {"dense_mlp": lambda: jax.block_until_ready(mlp(x, *dense_w))}
   warm = {"dense_mlp": time_fn(thunks["dense_mlp"], runs=1)["median_s"]}
+  w0, idx0 = jax.lax.top_k(jax.nn.sigmoid(x @ router + bias), k)
   row = {"tokens": t, "experts": e, "top_k": k, "d": d, "f": f,
-         "active_flops_fwd_bwd": 3 * 3 * 2 * t * d * k * f}
+         "active_flops_fwd_bwd": 3 * 3 * 2 * t * d * k * f,
+         "routing_imbalance": load_imbalance(idx0, e)}
+  if "capacity_1.25" in strategies:   # what the capacity layout gives up for its speed
+    row["capacity_1.25_dropped"] = float(moe_dispatch.capacity_experts(
+        x, idx0, w0, wg, wu, wd, capacity_factor=1.25)[1])
   for name in strategies:
     try:
       step = routed(fns[name])
@@ -87,7 +122,7 @@ def _plot(rows, strategies, path):
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  labels = [f"T{r['tokens']} E{r['experts']} K{r['top_k']}" for r in rows]
+  labels = [f"T{r['tokens']} E{r['experts']} K{r['top_k']} load x{r['routing_imbalance']:.2f}" for r in rows]
   fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)) + 1.5, 4))
   width = 0.8 / len(strategies)
   for i, name in enumerate(strategies):
@@ -116,5 +151,8 @@ def run(flags) -> dict:
     d, f, grid = 256, 128, list(itertools.product([2048], [16, 64], [2, 4, 8]))
     strategies = ["dense", "blocked", "blocked_one_chain", "ragged_dot", "capacity_1.25"]
   rows = [_case(t, e, k, d, f, strategies, runs) for t, e, k in grid]
+  skew = float(getattr(flags, "moe_imbalance", 0.0) or 0.0)
+  if skew > 0:
+    rows += [_case(t, e, k, d, f, strategies, runs, imbalance=skew) for t, e, k in grid]
   path = (os.path.splitext(flags.json)[0] + ".png") if flags.json else "bench_moe.png"
   return {"suite": "moe", "machine": machine(), "rows": rows, "plot": _plot(rows, strategies, path)}
