@@ -19,8 +19,10 @@ Times are the durations of the op events on the thread (or device line) that ran
 under the op_name of its root, so a fusion of forward and backward work counts under one of them.  An
 asynchronous CPU op - Eigen's dots, which XLA:CPU launches on the intra-op pool, so that their event on the
 executor thread ends at the launch - counts from its start to its completion marker ('end: <op>' on a pool
-thread, joined by flow id): without that a 100 ms dot reads as 5 ms.  On CPU an op's intra-op helpers
-(Eigen's or YNN's worker shards) are not separate events, so `busy_ms` is a lower bound of the CPU time.
+thread, joined by flow id): without that a 100 ms dot reads as 5 ms.  That span includes any wait for
+the pool's threads, so under load it overstates the op's own work.  On CPU an op's intra-op helpers
+(Eigen's or YNN's worker shards) are not separate events, so `busy_ms` is not the CPU time either: it
+misses those shards and counts the asynchronous ops' waits.
 `utilization` = busy / (wall x lanes) is the fraction of that capacity the executor kept busy (its
 complement is time spent waiting on dependencies; an asynchronous op overlaps the ops launched after it,
 so it can exceed 100%); lanes are the CPU cores the executor's threads ran on (at most the threads that
