@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments.benchmarks import moe
 
@@ -23,6 +24,8 @@ def test_skew_bias_reaches_the_target_imbalance():
     # mean 128 is 1/128 of the ratio).
     assert target <= got <= target + 0.05, (target, got)
     assert got > balanced
+  with pytest.raises(ValueError, match="out of reach"):
+    moe.skew_bias(x, router, k, 16 / k + 0.5)
   # Already as imbalanced as asked: no bias at all.
   assert jnp.all(moe.skew_bias(x, router, k, balanced) == 0)
 

@@ -40,6 +40,9 @@ def skew_bias(x, router, k: int, target: float):
   unbiased routing is already at least that imbalanced.  Fresh models route this unevenly: the bench-6.5m
   config's MoE layers start at 1.4-1.7."""
   e = router.shape[1]
+  if target > e / k:
+    raise ValueError(f"--moe_imbalance={target} is out of reach: with {e} experts and top-{k} the most "
+                     f"loaded expert gets at most every token, {e / k:g}x the mean")
   ramp = jnp.linspace(-1.0, 1.0, e)
   logits = x @ router
   imbalance = lambda spread: load_imbalance(jax.lax.top_k(jax.nn.sigmoid(logits + spread * ramp), k)[1], e)
