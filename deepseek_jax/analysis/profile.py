@@ -62,6 +62,7 @@ class OpTime:
   primitive: str
   layer: Optional[int]
   ms: float
+  asynchronous: bool = False   # timed from launch to completion marker (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +206,10 @@ def _completions(planes) -> dict[tuple[int, str], list[int]]:
   return ends
 
 
-def op_events(xplane_path: str, module_name: Optional[str] = None) -> Iterable[tuple[str, str, float]]:
-  """(lane, hlo op, duration ms) of every executed HLO op in a trace file, optionally of one HLO module.
+def op_events(xplane_path: str,
+              module_name: Optional[str] = None) -> Iterable[tuple[str, str, float, bool]]:
+  """(lane, hlo op, duration ms, asynchronous) of every executed HLO op in a trace file, optionally of one
+  HLO module.
 
   A lane is a (plane, line): a CPU executor thread, or a GPU's 'XLA Ops' line where the trace has one (its
   stream lines carry the same ops again as kernels and are then skipped), else each of its stream lines.
@@ -231,14 +234,14 @@ def op_events(xplane_path: str, module_name: Optional[str] = None) -> Iterable[t
           continue
         if module_name is not None and stats.get("hlo_module", module_name) != module_name:
           continue
-        duration = float(ev.duration_ns)
+        duration, asynchronous = float(ev.duration_ns), False
         flow = stats.get("_p")
         marks = ends.get((int(flow), str(op))) if flow is not None else None
         if marks:
           i = bisect.bisect_left(marks, int(ev.start_ns))
           if i < len(marks):
-            duration = max(duration, marks[i] - float(ev.start_ns))
-        yield f"{plane.name}/{line.name}", str(op), duration / 1e6
+            duration, asynchronous = max(duration, marks[i] - float(ev.start_ns)), True
+        yield f"{plane.name}/{line.name}", str(op), duration / 1e6, asynchronous
 
 
 def profile_ops(fn: Callable, *args, runs: int = 3, trace_dir: Optional[str] = None,
@@ -306,10 +309,12 @@ def fold_trace(xplane_path: str, hlo_text: str, *, runs: int, wall_ms: float) ->
   """
   module_name = module_name_of(hlo_text)
   meta = hlo_metadata(hlo_text)
-  totals, lanes = collections.Counter(), set()
-  for lane, op, ms in op_events(xplane_path, module_name):
+  totals, lanes, asynchronous = collections.Counter(), set(), set()
+  for lane, op, ms, is_async in op_events(xplane_path, module_name):
     totals[op] += ms / runs
     lanes.add(lane)
+    if is_async:
+      asynchronous.add(op)
   if not totals:
     raise RuntimeError(f"the trace in {xplane_path} holds no op of HLO module {module_name}")
   device_lanes = sum(lane.startswith("/device:") for lane in lanes)
@@ -319,7 +324,7 @@ def fold_trace(xplane_path: str, hlo_text: str, *, runs: int, wall_ms: float) ->
     shape, op_name = meta.get(name, ("?", ""))
     phase, module, layer, primitive = split_op_name(op_name)
     ops.append(OpTime(name=name, kind=re.sub(r"\.\d+$", "", name), shape=shape, phase=phase, module=module,
-                      primitive=primitive, layer=layer, ms=ms))
+                      primitive=primitive, layer=layer, ms=ms, asynchronous=name in asynchronous))
   if not any(o.phase == "backward" for o in ops):   # no gradients: every op is the forward pass
     ops = [dataclasses.replace(o, phase="forward") if o.phase == "other" else o for o in ops]
   return Profile(module_name=module_name or "?", ops=tuple(ops), wall_ms=wall_ms,
@@ -327,9 +332,10 @@ def fold_trace(xplane_path: str, hlo_text: str, *, runs: int, wall_ms: float) ->
 
 
 def summarize(profile: Profile, top: int = 25) -> str:
-  """The tables a profile is usually read by: by phase, by phase x module x op kind, and the longest ops."""
+  """The tables a profile is usually read by: by phase, by phase x module x op kind, and the longest ops
+  (an asynchronous op's time, launch to completion, marked 'async')."""
   longest = "\n".join(f"{o.ms:9.2f}  {o.name:36s} {o.shape:28s} {o.phase:8s} {o.module}/{o.primitive}"
-                      for o in profile.ops[:top])
+                      + ("  (async)" if o.asynchronous else "") for o in profile.ops[:top])
   return "\n\n".join([profile.table(by="phase", top=5), profile.table(top=top),
                       f"{'ms':>9}  longest ops\n{longest}"])
 

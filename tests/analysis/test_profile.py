@@ -76,7 +76,9 @@ def test_an_asynchronous_dot_counts_until_it_completes():
   dots = [o for o in p.ops if o.primitive == "dot_general"]
   assert len(dots) == 1
   if jax.default_backend() == "cpu":
-    assert 0.6 * p.wall_ms < dots[0].ms < 1.5 * p.wall_ms
+    assert dots[0].asynchronous and 0.6 * p.wall_ms < dots[0].ms < 1.5 * p.wall_ms
+    assert "(async)" in profile.summarize(p)
+    assert [o["name"] for o in p.to_dict()["ops"] if o["asynchronous"]] == [dots[0].name]
 
 
 def test_profile_ops_without_gradients_is_all_forward():
