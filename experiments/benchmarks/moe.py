@@ -9,8 +9,8 @@ K x F (the same active FLOPs).  The router is random, which loads the experts ev
 `routing_imbalance` about 1.1 at E16); `--moe_imbalance=1.6` also times every case with a per-expert bias
 that skews the load to that max / mean, as unevenly as a freshly initialised model routes.  Every
 contender of a case is compiled and warmed up first and then timed in interleaved rounds (those over
-`SLOW` x the dense MLP apart, after the others).  Prints JSON with times and ratios and writes a bar plot next to `--json` (or to
-bench_moe.png).
+`SLOW` x the dense MLP apart, after the others).  Prints JSON with times and ratios and writes a bar plot
+next to `--json` (or to bench_moe.png).
 """
 
 from __future__ import annotations
