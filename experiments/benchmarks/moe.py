@@ -28,6 +28,11 @@ from experiments.benchmarks.common import interleaved, machine, time_fn
 SLOW = 10.0   # contenders slower than this many dense MLPs are timed apart, after the others
 
 
+def route(logits, k: int):
+  """(weights, expert ids) [T, K]: the top-k of the sigmoid scores, as the suite routes."""
+  return jax.lax.top_k(jax.nn.sigmoid(logits), k)
+
+
 def load_imbalance(idx, num_experts: int) -> float:
   """max / mean assignments per expert of a [T, K] routing."""
   load = jnp.bincount(idx.reshape(-1), length=num_experts)
@@ -45,7 +50,7 @@ def skew_bias(x, router, k: int, target: float):
                      f"loaded expert gets at most every token, {e / k:g}x the mean")
   ramp = jnp.linspace(-1.0, 1.0, e)
   logits = x @ router
-  imbalance = lambda spread: load_imbalance(jax.lax.top_k(jax.nn.sigmoid(logits + spread * ramp), k)[1], e)
+  imbalance = lambda spread: load_imbalance(route(logits + spread * ramp, k)[1], e)
   if imbalance(0.0) >= target:
     return jnp.zeros((e,))
   lo, hi = 0.0, 1.0
@@ -70,8 +75,7 @@ def _case(t, e, k, d, f, strategies, runs, imbalance: float = 0.0):
 
   def routed(fn):
     def loss(x, wg, wu, wd):
-      scores = jax.nn.sigmoid(x @ router + bias)
-      w, idx = jax.lax.top_k(scores, k)
+      w, idx = route(x @ router + bias, k)
       return jnp.sum(fn(x, idx, w, wg, wu, wd) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
@@ -89,7 +93,7 @@ def _case(t, e, k, d, f, strategies, runs, imbalance: float = 0.0):
   mlp = jax.jit(jax.value_and_grad(mlp_loss, argnums=(0, 1, 2, 3)))
   thunks = {"dense_mlp": lambda: jax.block_until_ready(mlp(x, *dense_w))}
   warm = {"dense_mlp": time_fn(thunks["dense_mlp"], runs=1)["median_s"]}
-  w0, idx0 = jax.lax.top_k(jax.nn.sigmoid(x @ router + bias), k)
+  w0, idx0 = route(x @ router + bias, k)
   row = {"tokens": t, "experts": e, "top_k": k, "d": d, "f": f,
          "active_flops_fwd_bwd": 3 * 3 * 2 * t * d * k * f,
          "routing_imbalance": load_imbalance(idx0, e)}

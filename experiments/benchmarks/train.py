@@ -128,34 +128,33 @@ def run(flags) -> dict:
       mt_info[v]["compile_s"] = time.perf_counter() - t0
   timed = interleaved(thunks, runs)
   ours = timed["ours"]
+
+  def rates(name, **extra):
+    """A contender's timings with its tokens/s and MFU against the measured peak."""
+    t = timed[name]
+    return dict(t, tokens_per_s=tokens / t["median_s"], mfu=train_flops * tokens / t["median_s"] / peak,
+                **extra)
+
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
-            "ours": dict(ours, tokens_per_s=tokens / ours["median_s"], compile_s=compile_s["ours"],
-                         mfu=train_flops * tokens / ours["median_s"] / peak,
-                         moe_impl=cfg.moe_impl, attention_impl=cfg.attention_impl,
-                         remat_policy=cfg.remat_policy, dtype=cfg.dtype)}
+            "ours": rates("ours", compile_s=compile_s["ours"], moe_impl=cfg.moe_impl,
+                          attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
+                          dtype=cfg.dtype)}
   if datasheet:
     result["datasheet_peak_flops"] = datasheet
     result["ours"]["mfu_vs_datasheet"] = train_flops * tokens / ours["median_s"] / datasheet
-  remat = {name.split(":", 1)[1]: dict(timed[name], tokens_per_s=tokens / timed[name]["median_s"],
-                                       compile_s=compile_s[name])
+  remat = {name.split(":", 1)[1]: rates(name, compile_s=compile_s[name])
            for name in variants if name.startswith("remat:")}
   if remat:
     result["remat"] = remat
   if "scan_layers" in variants:
-    t = timed["scan_layers"]
-    result["scan_layers"] = dict(t, tokens_per_s=tokens / t["median_s"], compile_s=compile_s["scan_layers"],
-                                 vs_unrolled=ours["median_s"] / t["median_s"])
+    result["scan_layers"] = rates("scan_layers", compile_s=compile_s["scan_layers"],
+                                  vs_unrolled=ours["median_s"] / timed["scan_layers"]["median_s"])
   if hf is not None:
-    result["transformers"] = dict(timed["transformers"], **hf_info,
-                                  tokens_per_s=tokens / timed["transformers"]["median_s"],
-                                  mfu=train_flops * tokens / timed["transformers"]["median_s"] / peak)
+    result["transformers"] = rates("transformers", **hf_info)
     result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
   if mt_info:
-    result["maxtext"] = {v: dict(timed[f"maxtext:{v}"], **info,
-                                 tokens_per_s=tokens / timed[f"maxtext:{v}"]["median_s"],
-                                 mfu=train_flops * tokens / timed[f"maxtext:{v}"]["median_s"] / peak)
-                         for v, info in mt_info.items()}
+    result["maxtext"] = {v: rates(f"maxtext:{v}", **info) for v, info in mt_info.items()}
     result["speedup_vs_maxtext"] = {v: timed[f"maxtext:{v}"]["median_s"] / ours["median_s"] for v in mt_info}
   elif mt_variants:
     result["maxtext"] = "not importable here (bash experiments/maxtext_env.sh makes its Python 3.12 environment)"
