@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepseek_jax.ops.backend import resolve
 
@@ -62,6 +63,14 @@ def _chunks(s: int):
   return [(a, min(s, a + c)) for a in range(0, s, c)]
 
 
+def _causal_bias(a: int, b: int):
+  """[b - a, b] additive mask of query rows a..b-1 over keys 0..b-1 (0 where visible, -inf above the
+  diagonal), a constant: XLA:CPU adds it inside the softmax's fusion, while a `where` on an iota compare
+  costs a separate pass (chunked fwd + bwd on the bench shapes: 25.8 -> 21.3 ms)."""
+  visible = np.arange(b)[None, :] <= np.arange(a, b)[:, None]
+  return jnp.asarray(np.where(visible, 0.0, -np.inf).astype(np.float32))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _causal_heads_major(q, k, v, scale):
   """Causal softmax(scale q k^T) v on heads-major q, k [B,H,S,K], v [B,H,S,V] -> fp32 [B,H,S,V]."""
@@ -75,8 +84,7 @@ def _causal_fwd(q, k, v, scale):
   for a, b in _chunks(q.shape[2]):
     logits = jnp.einsum("BHSK,BHKT->BHST", q[:, :, a:b], t(k[:, :, :b]),
                         preferred_element_type=jnp.float32) * scale
-    visible = jnp.arange(b, dtype=jnp.int32)[None, :] <= jnp.arange(a, b, dtype=jnp.int32)[:, None]
-    logits = jnp.where(visible, logits, -jnp.inf)
+    logits = logits + _causal_bias(a, b)
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     p = e / jnp.sum(e, axis=-1, keepdims=True)
     outs.append(jnp.einsum("BHST,BHTV->BHSV", p.astype(v.dtype), v[:, :, :b],
