@@ -17,12 +17,15 @@ summed by module, phase or op kind, how many milliseconds per call it ran:
 
 Times are the durations of the op events on the thread (or device line) that ran them.  A fusion counts
 under the op_name of its root, so a fusion of forward and backward work counts under one of them.  An
-asynchronous CPU op - Eigen's dots, which XLA:CPU launches on the intra-op pool, so that their event on the
-executor thread ends at the launch - counts from its start to its completion marker ('end: <op>' on a pool
-thread, joined by flow id): without that a 100 ms dot reads as 5 ms.  That span includes any wait for
-the pool's threads, so under load it overstates the op's own work.  On CPU an op's intra-op helpers
-(Eigen's or YNN's worker shards) are not separate events, so `busy_ms` is not the CPU time either: it
-misses those shards and counts the asynchronous ops' waits.
+asynchronous CPU op - an unfused `dot` or `convolution`, which XLA:CPU runs with Eigen on the intra-op
+pool, so that its event on the executor thread ends at the launch - counts from its start to its
+completion: the earlier of its completion marker ('end: <op>' on a pool thread, joined by flow id) and
+the first start of an op that consumes its result (through the HLO's operands).  Without that a 100 ms
+dot reads as 5 ms; the marker alone is late, since the pool thread runs the ops that become ready inline
+before it leaves the marker.  A synchronous op leaves such markers too, and they are ignored.  The span of
+an asynchronous op includes any wait for the pool's threads, so under load it overstates the op's own
+work.  On CPU an op's intra-op helpers (Eigen's or YNN's worker shards) are not separate events, so
+`busy_ms` is not the CPU time either: it misses those shards and counts the asynchronous ops' waits.
 `utilization` = busy / (wall x lanes) is the fraction of that capacity the executor kept busy (its
 complement is time spent waiting on dependencies; an asynchronous op overlaps the ops launched after it,
 so it can exceed 100%); lanes are the CPU cores the executor's threads ran on (at most the threads that
@@ -141,6 +144,45 @@ def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
   return out
 
 
+# XLA:CPU thunks that run asynchronously on the intra-op pool (Eigen's matmuls and convolutions).
+ASYNC_OPCODES = ("dot", "convolution")
+
+
+def hlo_dataflow(hlo_text: str) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+  """({instruction: opcode}, {instruction: the instructions that take its result as an operand}) of an HLO
+  module's text (fused computations included: their names never clash with the entry's)."""
+  opcodes, consumers = {}, collections.defaultdict(list)
+  for line in hlo_text.splitlines():
+    line = line.strip()
+    if line.startswith("ROOT "):
+      line = line[5:]
+    name, sep, rest = line.partition(" = ")
+    if not sep or not name.startswith("%") or " " in name:
+      continue
+    name = name[1:]
+    if rest.startswith("("):   # a tuple shape: skip to its closing parenthesis
+      depth = 0
+      for end, ch in enumerate(rest):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+          break
+      rest = rest[end + 1:].lstrip()
+    else:
+      rest = rest.split(" ", 1)[1] if " " in rest else ""
+    opcode, paren, args = rest.partition("(")
+    if not paren:
+      continue
+    opcodes[name] = opcode
+    depth, end = 1, 0
+    for end, ch in enumerate(args):
+      depth += (ch == "(") - (ch == ")")
+      if depth == 0:
+        break
+    for operand in re.findall(r"%([\w.\-]+)", args[:end]):
+      consumers[operand].append(name)
+  return opcodes, {k: tuple(v) for k, v in consumers.items()}
+
+
 def split_op_name(op_name: str) -> tuple[str, str, Optional[int], str]:
   """(phase, module path without layer indices, layer index or None, primitive) of an HLO op_name such as
   'jit(step)/transpose(jvp(DeepSeekV3))/DeepSeekV3.main/layers_1/mlp/experts/dot_general'."""
@@ -191,8 +233,8 @@ def trace_snapshot(trace_dir: str) -> frozenset:
 
 def _completions(planes) -> dict[tuple[int, str], list[int]]:
   """{(flow id, hlo op): sorted timestamps ns} of the 'end: <op>' markers that XLA:CPU's thunk executor
-  leaves on an intra-op thread when an asynchronous op (Eigen's dots) completes; the marker's '_c' stat is
-  the flow id that the op's own event carries as '_p'."""
+  leaves on an intra-op thread after an op completes (and after the ops that became ready with it, which
+  the thread runs first); the marker's '_c' stat is the flow id that the op's own event carries as '_p'."""
   ends = collections.defaultdict(list)
   for plane in planes:
     for line in plane.lines:
@@ -206,21 +248,22 @@ def _completions(planes) -> dict[tuple[int, str], list[int]]:
   return ends
 
 
-def op_events(xplane_path: str,
-              module_name: Optional[str] = None) -> Iterable[tuple[str, str, float, bool]]:
+def op_events(xplane_path: str, module_name: Optional[str] = None,
+              hlo_text: Optional[str] = None) -> Iterable[tuple[str, str, float, bool]]:
   """(lane, hlo op, duration ms, asynchronous) of every executed HLO op in a trace file, optionally of one
   HLO module.
 
   A lane is a (plane, line): a CPU executor thread, or a GPU's 'XLA Ops' line where the trace has one (its
   stream lines carry the same ops again as kernels and are then skipped), else each of its stream lines.
 
-  An asynchronous CPU op (an Eigen dot: XLA:CPU launches it on the intra-op pool and its event on the
-  executor thread ends at the launch) lasts from its event's start to its completion marker, the 'end: <op>'
-  event of the same flow id; without one, its event's duration is all there is.
+  An asynchronous CPU op (`ASYNC_OPCODES`; without `hlo_text`, an op named 'dot...' or 'convolution...')
+  lasts from its event's start to its completion, bounded by its 'end: <op>' marker of the same flow id and
+  by the first later start of a consumer of its result (`hlo_text`'s dataflow); see the module docstring.
   """
   data = jax.profiler.ProfileData.from_file(xplane_path)
   planes = list(data.planes)
   ends = _completions(planes)
+  events = []   # (lane, op, start ns, duration ns, flow id or None)
   for plane in planes:
     device = plane.name.startswith("/device:")
     lines = list(plane.lines)
@@ -234,14 +277,60 @@ def op_events(xplane_path: str,
           continue
         if module_name is not None and stats.get("hlo_module", module_name) != module_name:
           continue
-        duration, asynchronous = float(ev.duration_ns), False
         flow = stats.get("_p")
-        marks = ends.get((int(flow), str(op))) if flow is not None else None
-        if marks:
-          i = bisect.bisect_left(marks, int(ev.start_ns))
-          if i < len(marks):
-            duration, asynchronous = max(duration, marks[i] - float(ev.start_ns)), True
-        yield f"{plane.name}/{line.name}", str(op), duration / 1e6, asynchronous
+        events.append((f"{plane.name}/{line.name}", str(op), float(ev.start_ns), float(ev.duration_ns),
+                       None if flow is None else int(flow)))
+  if hlo_text is not None:
+    opcodes, consumers = hlo_dataflow(hlo_text)
+    is_async = lambda op: opcodes.get(op) in ASYNC_OPCODES
+  else:
+    consumers = {}
+    is_async = lambda op: re.match(r"(?:dot|convolution)\b", op) is not None
+  yield from completed(events, ends, consumers, is_async)
+
+
+def completed(events, ends: dict, consumers: dict, is_async: Callable[[str], bool]):
+  """(lane, op, duration ms, asynchronous) of each (lane, op, start ns, duration ns, flow id) event: an
+  asynchronous CPU op (`is_async(op)`, on a lane outside '/device:' planes) until the earlier of its completion marker (`ends[(flow, op)]`, sorted
+  timestamps) and the first start of one of its consumers after its event ends; any other op, its event."""
+  starts = collections.defaultdict(list)
+  for _, op, start, _, _ in events:
+    starts[op].append(start)
+  for v in starts.values():
+    v.sort()
+  timed, memo = set(starts), {}
+
+  def timed_consumers(op):
+    """The consumers of op that have events, looking through those that have none (bitcasts, tuples)."""
+    if op not in memo:
+      memo[op], out, todo, seen = (), set(), list(consumers.get(op, ())), set()
+      while todo:
+        c = todo.pop()
+        if c in seen:
+          continue
+        seen.add(c)
+        if c in timed:
+          out.add(c)
+        else:
+          todo.extend(consumers.get(c, ()))
+      memo[op] = tuple(out)
+    return memo[op]
+
+  for lane, op, start, duration, flow in events:
+    asynchronous = False
+    if is_async(op) and not lane.startswith("/device:"):   # a GPU's op events are its kernels' own spans
+      marks = ends.get((flow, op)) if flow is not None else None
+      done = None
+      if marks:
+        i = bisect.bisect_left(marks, start)
+        done = marks[i] if i < len(marks) else None
+      for c in timed_consumers(op):
+        j = bisect.bisect_left(starts[c], start + duration)
+        if j < len(starts[c]) and (done is None or starts[c][j] < done):
+          done = starts[c][j]
+      if done is not None and done - start > duration:
+        duration, asynchronous = done - start, True
+    yield lane, op, duration / 1e6, asynchronous
 
 
 def profile_ops(fn: Callable, *args, runs: int = 3, trace_dir: Optional[str] = None,
@@ -310,7 +399,7 @@ def fold_trace(xplane_path: str, hlo_text: str, *, runs: int, wall_ms: float) ->
   module_name = module_name_of(hlo_text)
   meta = hlo_metadata(hlo_text)
   totals, lanes, asynchronous = collections.Counter(), set(), set()
-  for lane, op, ms, is_async in op_events(xplane_path, module_name):
+  for lane, op, ms, is_async in op_events(xplane_path, module_name, hlo_text):
     totals[op] += ms / runs
     lanes.add(lane)
     if is_async:

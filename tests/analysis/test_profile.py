@@ -81,6 +81,48 @@ def test_an_asynchronous_dot_counts_until_it_completes():
     assert [o["name"] for o in p.to_dict()["ops"] if o["asynchronous"]] == [dots[0].name]
 
 
+def test_hlo_dataflow_reads_opcodes_and_consumers():
+  f = jax.jit(lambda a, b: jnp.sin(a.T @ b) @ b)
+  text = f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+  opcodes, consumers = profile.hlo_dataflow(text)
+  assert all(c in opcodes for cs in consumers.values() for c in cs)   # consumers are instructions
+  params = [n for n, op in opcodes.items() if op == "parameter"]
+  assert params and all(opcodes[c] for n in params for c in consumers.get(n, ()))
+  # The transposed product (an unfused dot on CPU) feeds the sine's fusion, which feeds the last product.
+  if jax.default_backend() == "cpu":
+    (dot,) = [n for n, op in opcodes.items() if op == "dot" and any(c in consumers.get(n, ())
+                                                                     for c in opcodes)]
+    (sine,) = consumers[dot]
+    assert opcodes[sine] == "fusion" and len(consumers[sine]) == 1
+
+
+def test_completion_is_bounded_by_the_marker_and_the_first_consumer():
+  # Events shaped like XLA:CPU's, in ns: (lane, op, start, duration, flow id).
+  ms = 1_000_000
+  events = [("exec", "dot.1", 0, 1 * ms, 7),          # an Eigen dot: the event ends at its launch
+            ("pool", "sine", 20 * ms, 5 * ms, 8),      # its consumer, run inline on a pool thread
+            ("exec", "gather", 30 * ms, 2 * ms, 9),    # a synchronous op
+            ("pool", "dot.2", 40 * ms, 1 * ms, 10)]    # an Eigen dot whose result nothing reads
+  ends = {(7, "dot.1"): [25 * ms],      # left after the thread also ran the consumer: late
+          (8, "sine"): [60 * ms],       # markers of synchronous ops are ignored
+          (9, "gather"): [60 * ms],
+          (10, "dot.2"): [49 * ms]}
+  consumers = {"dot.1": ("bitcast.3",), "bitcast.3": ("sine",), "sine": ("gather",)}
+  out = {op: (t, a) for _, op, t, a in profile.completed(events, ends, consumers,
+                                                          lambda op: op.startswith("dot"))}
+  assert out == {"dot.1": (20.0, True), "sine": (5.0, False), "gather": (2.0, False), "dot.2": (9.0, True)}
+
+
+def test_a_chain_of_dependent_ops_is_timed_without_overlap():
+  # Each op needs the one before, so their times cannot add up to more than the wall time: a completion
+  # marker taken as the end of a synchronous op (or a late one of an asynchronous op) would.
+  f = jax.jit(lambda a, b: jnp.sum(jnp.sin(a.T @ b).T @ b))
+  a = jnp.ones((1024, 1024))
+  p = profile.profile_ops(f, a, a, runs=3)
+  assert p.busy_ms < 1.1 * p.wall_ms
+  assert not any(o.asynchronous for o in p.ops if o.primitive == "sin")
+
+
 def test_profile_ops_without_gradients_is_all_forward():
   f = jax.jit(lambda a, b: jnp.sin(a @ b))
   a = jnp.ones((256, 256))
