@@ -34,6 +34,9 @@ flags.DEFINE_string("remat", "", "Train suite: also time our step under these re
 flags.DEFINE_string("maxtext", "dense", "Train suite: MaxText's own train step on the same config, in these "
                     "modes of its expert layer (experiments/benchmarks/maxtext_step.py: dense, sparse, "
                     "capacity), where maxtext is importable; 'none' skips it.")
+flags.DEFINE_string("ablate", "", "Train suite: also time our step with these parts swapped for stand-ins of "
+                    "negligible work, e.g. 'routed_experts,attention' or 'all' "
+                    "(experiments/benchmarks/ablation.py), for each part's wall-clock cost.")
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")

@@ -19,3 +19,25 @@ def test_profile_of_our_step_names_the_layers(tmp_path):
     assert (phase, "self_attn") in seen and (phase, "mlp") in seen
   assert any(o["phase"] == "other" for o in ops)
   assert out["busy_ms"] > 0 and 0 < out["utilization"] and out["by_module"]
+
+
+def test_ablated_steps_run_the_stand_ins_only_inside_the_block():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import ablation  # pylint: disable=g-import-not-at-top
+  cfg = bench_config("tiny", num_hidden_layers=2, num_nextn_predict_layers=0)   # a dense and an MoE layer
+  loss = lambda: float(train_bench._ours(cfg, 2, 16)[0]())  # pylint: disable=protected-access
+  full = loss()
+  originals = {part: getattr(module, name) for part, (module, name, _) in ablation.PARTS.items()}
+  for part in ablation.parts("all"):
+    with ablation.without(part):
+      without = loss()
+    assert without != pytest.approx(full, rel=1e-6), part   # the stand-in ran
+  # and is gone after the block
+  assert all(getattr(m, n) is originals[p] for p, (m, n, _) in ablation.PARTS.items())
+  assert ablation.parts("all") == sorted(ablation.PARTS)
+  assert ablation.parts(" attention, routed_experts") == ["attention", "routed_experts"]
+  with pytest.raises(ValueError, match="unknown part"):
+    ablation.parts("attention,optimizer")
+  with pytest.raises(ValueError, match="unknown part"):
+    with ablation.without("optimizer"):
+      pass

@@ -9,8 +9,9 @@ measured in the same run in the compute dtype (`--dtype`, default the preset's f
 datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also against its dense peak
 (`mfu_vs_datasheet`). Every contender (ours, our step under the `--remat` policies and `--scan_layers`,
 transformers, MaxText) is compiled and warmed up first and then timed in interleaved rounds, one step of each
-per round, so that a slow phase of a shared machine hits all of them alike. `--profile=DIR` then profiles our
-step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto), the optimized HLO,
+per round, so that a slow phase of a shared machine hits all of them alike. `--ablate=PARTS` also times our
+step with each part swapped for a stand-in of negligible work (`ablation`: routed_experts, attention) and
+reports each part's wall-clock cost and share of the step. `--profile=DIR` then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto), the optimized HLO,
 and each op's milliseconds by phase, module and op kind.
 """
 
@@ -28,7 +29,7 @@ from deepseek_jax.analysis.hardware import gpu_for_device
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
-from experiments.benchmarks import maxtext_step
+from experiments.benchmarks import ablation, maxtext_step
 from experiments.benchmarks.common import bench_config, interleaved, machine, matmul_peak
 
 
@@ -116,6 +117,10 @@ def run(flags) -> dict:
     variants["scan_layers"] = dataclasses.replace(cfg, scan_layers=True)
   for name, variant in variants.items():
     thunks[name], compile_s[name], _ = _ours(variant, batch, seq_len)
+  ablated = ablation.parts(getattr(flags, "ablate", "") or "")
+  for part in ablated:
+    with ablation.without(part):   # _ours compiles and runs the step once, inside the stand-in
+      thunks[f"without:{part}"], _, _ = _ours(cfg, batch, seq_len)
   hf = _transformers(cfg, batch, seq_len, threads) if jax.default_backend() == "cpu" else None
   if hf is not None:
     thunks["transformers"], hf_info = hf
@@ -150,6 +155,11 @@ def run(flags) -> dict:
   if "scan_layers" in variants:
     result["scan_layers"] = rates("scan_layers", compile_s=compile_s["scan_layers"],
                                   vs_unrolled=ours["median_s"] / timed["scan_layers"]["median_s"])
+  if ablated:
+    result["ablation"] = {
+        part: dict(timed[f"without:{part}"], cost_s=ours["median_s"] - timed[f"without:{part}"]["median_s"],
+                   share=1.0 - timed[f"without:{part}"]["median_s"] / ours["median_s"])
+        for part in ablated}
   if hf is not None:
     result["transformers"] = rates("transformers", **hf_info)
     result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
