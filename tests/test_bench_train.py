@@ -25,13 +25,20 @@ def test_ablated_steps_run_the_stand_ins_only_inside_the_block():
   import pytest  # pylint: disable=g-import-not-at-top
   from experiments.benchmarks import ablation  # pylint: disable=g-import-not-at-top
   cfg = bench_config("tiny", num_hidden_layers=2, num_nextn_predict_layers=0)   # a dense and an MoE layer
-  loss = lambda: float(train_bench._ours(cfg, 2, 16)[0]())  # pylint: disable=protected-access
-  full = loss()
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def step():
+    """(loss, parameter shapes) of one train step."""
+    thunk, _, (_, state, _) = train_bench._ours(cfg, 2, 16)  # pylint: disable=protected-access
+    return float(thunk()), jax.tree.map(lambda a: a.shape, state.params)
+
+  full, shapes = step()
   originals = {part: getattr(module, name) for part, (module, name, _) in ablation.PARTS.items()}
   for part in ablation.parts("all"):
     with ablation.without(part):
-      without = loss()
-    assert without != pytest.approx(full, rel=1e-6), part   # the stand-in ran
+      without, ablated_shapes = step()
+    assert without != pytest.approx(full, rel=1e-6), part   # the stand-in ran,
+    assert ablated_shapes == shapes, part                   # with the same parameters to update
   # and is gone after the block
   assert all(getattr(m, n) is originals[p] for p, (m, n, _) in ablation.PARTS.items())
   assert ablation.parts("all") == sorted(ablation.PARTS)

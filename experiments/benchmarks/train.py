@@ -10,9 +10,10 @@ datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also again
 (`mfu_vs_datasheet`). Every contender (ours, our step under the `--remat` policies and `--scan_layers`,
 transformers, MaxText) is compiled and warmed up first and then timed in interleaved rounds, one step of each
 per round, so that a slow phase of a shared machine hits all of them alike. `--ablate=PARTS` also times our
-step with each part swapped for a stand-in of negligible work (`ablation`: routed_experts, attention) and
-reports each part's wall-clock cost and share of the step. `--profile=DIR` then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto), the optimized HLO,
-and each op's milliseconds by phase, module and op kind.
+step with each part swapped for a stand-in of negligible work (`ablation`: routed_experts, attention,
+shared_experts, dense_mlp) and reports each part's wall-clock cost and share of the step. `--profile=DIR`
+then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto),
+the optimized HLO, and each op's milliseconds by phase, module and op kind.
 """
 
 from __future__ import annotations
