@@ -119,9 +119,8 @@ class Profile:
             "ops": [dataclasses.asdict(o) for o in self.ops[:top]]}
 
 
-def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """{instruction name: (result shape, op_name metadata)} of every instruction in an HLO module's text."""
-  out = {}
+def _instructions(hlo_text: str) -> Iterable[tuple[str, str, str]]:
+  """(name, result shape, the rest of the line) of every instruction line in an HLO module's text."""
   for line in hlo_text.splitlines():
     line = line.strip()
     if line.startswith("ROOT "):
@@ -129,7 +128,6 @@ def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
     name, sep, rest = line.partition(" = ")
     if not sep or not name or " " in name or name.startswith(("HloModule", "//")):
       continue
-    name = name.lstrip("%")
     if rest.startswith("("):   # a tuple shape: up to its closing parenthesis
       depth, end = 0, 0
       for end, ch in enumerate(rest):
@@ -139,6 +137,13 @@ def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
       shape = rest[:end + 1]
     else:
       shape = rest.split(" ", 1)[0]
+    yield name.lstrip("%"), shape, rest[len(shape):].lstrip()
+
+
+def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (result shape, op_name metadata)} of every instruction in an HLO module's text."""
+  out = {}
+  for name, shape, rest in _instructions(hlo_text):
     m = _METADATA.search(rest)
     out[name] = (shape, m.group(1) if m else "")
   return out
@@ -152,29 +157,13 @@ def hlo_dataflow(hlo_text: str) -> tuple[dict[str, str], dict[str, tuple[str, ..
   """({instruction: opcode}, {instruction: the instructions that take its result as an operand}) of an HLO
   module's text (fused computations included: their names never clash with the entry's)."""
   opcodes, consumers = {}, collections.defaultdict(list)
-  for line in hlo_text.splitlines():
-    line = line.strip()
-    if line.startswith("ROOT "):
-      line = line[5:]
-    name, sep, rest = line.partition(" = ")
-    if not sep or not name.startswith("%") or " " in name:
-      continue
-    name = name[1:]
-    if rest.startswith("("):   # a tuple shape: skip to its closing parenthesis
-      depth = 0
-      for end, ch in enumerate(rest):
-        depth += (ch == "(") - (ch == ")")
-        if depth == 0:
-          break
-      rest = rest[end + 1:].lstrip()
-    else:
-      rest = rest.split(" ", 1)[1] if " " in rest else ""
+  for name, _, rest in _instructions(hlo_text):
     opcode, paren, args = rest.partition("(")
-    if not paren:
+    if not paren or " " in opcode:
       continue
     opcodes[name] = opcode
     depth, end = 1, 0
-    for end, ch in enumerate(args):
+    for end, ch in enumerate(args):   # the operand list: up to its closing parenthesis
       depth += (ch == "(") - (ch == ")")
       if depth == 0:
         break
@@ -290,9 +279,12 @@ def op_events(xplane_path: str, module_name: Optional[str] = None,
 
 
 def completed(events, ends: dict, consumers: dict, is_async: Callable[[str], bool]):
-  """(lane, op, duration ms, asynchronous) of each (lane, op, start ns, duration ns, flow id) event: an
-  asynchronous CPU op (`is_async(op)`, on a lane outside '/device:' planes) until the earlier of its completion marker (`ends[(flow, op)]`, sorted
-  timestamps) and the first start of one of its consumers after its event ends; any other op, its event."""
+  """(lane, op, duration ms, asynchronous) of each (lane, op, start ns, duration ns, flow id) event.
+
+  An asynchronous CPU op (`is_async(op)`, on a lane outside the '/device:' planes) lasts until the earlier
+  of its completion marker (`ends[(flow, op)]`, sorted timestamps) and the first start of one of its
+  `consumers` after its event ends; any other op, its event.
+  """
   starts = collections.defaultdict(list)
   for _, op, start, _, _ in events:
     starts[op].append(start)
@@ -303,7 +295,7 @@ def completed(events, ends: dict, consumers: dict, is_async: Callable[[str], boo
   def timed_consumers(op):
     """The consumers of op that have events, looking through those that have none (bitcasts, tuples)."""
     if op not in memo:
-      memo[op], out, todo, seen = (), set(), list(consumers.get(op, ())), set()
+      out, todo, seen = set(), list(consumers.get(op, ())), set()
       while todo:
         c = todo.pop()
         if c in seen:
