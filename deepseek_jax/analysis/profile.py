@@ -65,7 +65,7 @@ class OpTime:
   primitive: str
   layer: Optional[int]
   ms: float
-  asynchronous: bool = False   # timed from launch to completion marker (see the module docstring)
+  asynchronous: bool = False   # timed from its launch to its completion (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)

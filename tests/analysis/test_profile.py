@@ -86,14 +86,16 @@ def test_hlo_dataflow_reads_opcodes_and_consumers():
   text = f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
   opcodes, consumers = profile.hlo_dataflow(text)
   assert all(c in opcodes for cs in consumers.values() for c in cs)   # consumers are instructions
-  params = [n for n, op in opcodes.items() if op == "parameter"]
-  assert params and all(opcodes[c] for n in params for c in consumers.get(n, ()))
-  # The transposed product (an unfused dot on CPU) feeds the sine's fusion, which feeds the last product.
+  # The transposed product (an unfused dot on CPU) reads both parameters and feeds the sine's fusion; the
+  # sine feeds the last product, which also reads b and feeds nothing.
   if jax.default_backend() == "cpu":
-    (dot,) = [n for n, op in opcodes.items() if op == "dot" and any(c in consumers.get(n, ())
-                                                                     for c in opcodes)]
+    (dot,) = [n for n, op in opcodes.items() if op == "dot" and consumers.get(n)]   # the entry's dot
+    params = [n for n, op in opcodes.items() if op == "parameter" and dot in consumers.get(n, ())]
+    assert len(params) == 2
     (sine,) = consumers[dot]
-    assert opcodes[sine] == "fusion" and len(consumers[sine]) == 1
+    (last,) = consumers[sine]
+    assert opcodes[sine] == "fusion" and last not in consumers
+    assert [p for p in params if last in consumers[p]] and not all(last in consumers[p] for p in params)
 
 
 def test_completion_is_bounded_by_the_marker_and_the_first_consumer():
