@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="DeepSeek-V3 in pure-functional JAX/Flax with Pallas kernels for MLA and expert dispatch",
     packages=find_packages(include=["deepseek_jax", "deepseek_jax.*", "kernels", "kernels.*"]),
+    package_data={"kernels": ["*.cc"]},   # kernels.host_moe compiles its C++ source on first use
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.12",

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 IMPLS = ("auto", "xla", "pallas")
-MOE_IMPLS = ("auto", "dense", "blocked", "xla", "pallas")
+MOE_IMPLS = ("auto", "dense", "host", "blocked", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp8")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
@@ -135,9 +135,11 @@ class ModelConfig:
 
   # --- implementation choices (never change the math) ---
   attention_impl: str = "auto"            # auto (xla on CPU, pallas on GPU) | xla | pallas
-  moe_impl: str = "auto"                  # auto (blocked on CPU, pallas on GPU) | dense (every expert on
-                                          # every token) | blocked (sort, pad groups to blocks, batched
-                                          # matmul) | xla (sort + jax.lax.ragged_dot) | pallas (sort + gmm)
+  moe_impl: str = "auto"                  # auto (host, else blocked, on CPU; pallas on GPU) | dense (every
+                                          # expert on every token) | host (sort + per-expert BLAS GEMMs
+                                          # in an FFI call, CPU float32; kernels.host_moe) | blocked (sort,
+                                          # pad groups to blocks, batched matmul) | xla (sort +
+                                          # jax.lax.ragged_dot) | pallas (sort + gmm)
   remat_policy: str = "none"              # activation checkpointing of each block (jax.checkpoint policy)
   scan_layers: bool = False               # each run of identical blocks as one nn.scan: parameters stacked
                                           # [layers, ...] under 'layers_{a}_to_{b}' (model.layer_runs), one

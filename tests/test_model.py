@@ -64,7 +64,7 @@ def test_cached_chunks_equal_full_forward(tiny_cfg):
   assert _rel(jnp.concatenate(pieces, axis=1), full) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["xla", "blocked"])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "host"])
 def test_ragged_dispatch_equals_dense_reference(tiny_cfg, impl):
   model, variables, tokens = _init(tiny_cfg)
   dense = dsj.DeepSeekV3(tiny_cfg.replace(moe_impl="dense"))

@@ -156,7 +156,7 @@ def fp8_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", ti
   weights = weights.astype(f32)
   if impl == "dense":
     y = _dense(xq, idx, weights, wg, wu, wd, tile)
-  elif impl == "blocked" or (impl == "auto" and not on_gpu()):
+  elif impl in ("blocked", "host") or (impl == "auto" and not on_gpu()):   # (host: float32 GEMMs only)
     y = _blocked(xq, idx, weights, wg, wu, wd, tile)
   else:
     y = _sorted(xq, idx, weights, wg, wu, wd, tile, resolve(impl, field="moe_impl"))

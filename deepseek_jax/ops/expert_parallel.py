@@ -261,7 +261,7 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     idx, weights: [T, K] expert ids and gate weights.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
     impl: grouped matmul of each device's expert-sorted rows: 'auto' ('pallas' on GPU, 'xla' elsewhere) |
-      'xla' | 'pallas'; 'dense' and 'blocked' (layouts of the single-device path) run as 'xla'.
+      'xla' | 'pallas'; 'dense', 'blocked' and 'host' (single-device layouts) run as 'xla'.
     precision: `ModelConfig.precision`; 'fp8' runs those grouped GEMMs with the FP8 recipe of
       `deepseek_jax.layers.fp8_experts`.
     mesh: the mesh (Mesh or AbstractMesh); default the ambient one (`jax.set_mesh`).
@@ -290,7 +290,7 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     raise ValueError(f"capacity_factor={capacity_factor!r} must be positive or None")
   if collective == "auto":
     collective = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
-  impl = "xla" if impl in ("dense", "blocked") else resolve(impl, field="moe_impl")
+  impl = "xla" if impl in ("dense", "blocked", "host") else resolve(impl, field="moe_impl")
   rules = _rules() if rules is None else tuple(rules)
   t = x.shape[0]
   token_axes = _token_axes(mesh, rules, t)

@@ -2,7 +2,10 @@
 
 All compute y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]) with expert(x) = (silu(x Wg) * (x Wu)) Wd, dropless:
 - 'dense': every expert on every token, combined through a [T, E] weight matrix (the reference).
-- 'blocked' (CPU default): each expert's rows padded to a block multiple, one batched matmul over blocks.
+- 'host' (CPU default where it builds): the SwiGLU FFN as an XLA FFI custom call over the host's BLAS,
+  one single-threaded sgemm per (expert, row tile) on XLA's thread pool (`kernels.host_moe`); float32,
+  one device.
+- 'blocked' (CPU fallback): each expert's rows padded to a block multiple, one batched matmul over blocks.
 - 'xla': sort the T*K (token, expert) assignments by expert, grouped matmuls with `jax.lax.ragged_dot`
   over the contiguous groups, unsort, weighted sum over K.
 - 'pallas': the same with the Pallas `kernels.grouped_matmul.gmm`.
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from kernels import host_moe
 from kernels.dispatch import combine, permute, sort_by_expert, take_rows
 from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
@@ -269,6 +273,20 @@ def _from_slots_bwd(ranges, res, g):
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
 
 
+def host_applies(x, w_gate, w_up, w_down) -> bool:
+  """Whether 'auto' runs the CPU experts with `kernels.host_moe`: float32 operands, a single device (the
+  custom call is opaque to sharding) and the kernel built here; otherwise, with a warning once when the
+  kernel itself is what is missing, the blocked layout."""
+  if any(a.dtype != jnp.float32 for a in (x, w_gate, w_up, w_down)) or jax.device_count() != 1:
+    return False
+  if jax.default_backend() != "cpu":
+    return False
+  if not host_moe.available():
+    host_moe.warn_if_unavailable()
+    return False
+  return True
+
+
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
@@ -279,8 +297,8 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights from the router.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'blocked' | 'xla' | 'pallas'); 'auto' is 'pallas' on
-      GPU and 'blocked' elsewhere.
+    impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'host' | 'blocked' | 'xla' | 'pallas'); 'auto' is
+      'pallas' on GPU and, on CPU, 'host' where `host_applies` and 'blocked' otherwise.
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
       (`deepseek_jax.layers.fp8_experts`).
   """
@@ -293,7 +311,11 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
     return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
   if impl == "dense":
     return dense_experts(x, idx, weights, w_gate, w_up, w_down)
-  if impl == "blocked" or (impl == "auto" and not on_gpu()):
+  if impl == "auto" and not on_gpu():
+    impl = "host" if host_applies(x, w_gate, w_up, w_down) else "blocked"
+  if impl == "host":
+    return host_moe.host_experts(x, idx, weights, w_gate, w_up, w_down)
+  if impl == "blocked":
     return blocked_experts(x, idx, weights, w_gate, w_up, w_down)
   return sorted_experts(x, idx, weights, w_gate, w_up, w_down,
                         impl=resolve(impl, field="moe_impl"))

@@ -1,16 +1,17 @@
 """`--suite=moe`: routed-expert dispatch strategies against a dense MLP of the same active FLOPs.
 
 For each (tokens T, experts E, top-k K) the suite times forward + backward of the routed experts
-(`ops.moe_dispatch`) with every strategy - dense (every expert on every token), blocked (the CPU default),
-the blocked layout as one chain of ops (`chains=1`, on CPU), sort + `jax.lax.ragged_dot`, sort + Pallas
-`gmm` (GPU, or small shapes in interpret mode), and a capacity-factor layout (drops overflow; for
-comparison; the row says what fraction of the assignments it dropped) - next to a SwiGLU MLP of width
-K x F (the same active FLOPs).  The router is random, which loads the experts evenly (max / mean load
-`routing_imbalance` about 1.1 at E16); `--moe_imbalance=1.6` also times every case with a per-expert bias
-that skews the load to that max / mean, as unevenly as a freshly initialised model routes.  Every
-contender of a case is compiled and warmed up first and then timed in interleaved rounds (those over
-`SLOW` x the dense MLP apart, after the others).  Prints JSON with times and ratios and writes a bar plot
-next to `--json` (or to bench_moe.png).
+(`ops.moe_dispatch`) with every strategy - dense (every expert on every token), host (BLAS GEMMs per
+expert in an XLA FFI call, the CPU default where it builds: `kernels.host_moe`), blocked (the CPU
+fallback), the blocked layout as one chain of ops (`chains=1`, on CPU), sort + `jax.lax.ragged_dot`,
+sort + Pallas `gmm` (GPU, or small shapes in interpret mode), and a capacity-factor layout (drops
+overflow; for comparison; the row says what fraction of the assignments it dropped) - next to a SwiGLU
+MLP of width K x F (the same active FLOPs).  The router is random, which loads the experts evenly (max /
+mean load `routing_imbalance` about 1.1 at E16); `--moe_imbalance=1.6` also times every case with a
+per-expert bias that skews the load to that max / mean, as unevenly as a freshly initialised model
+routes.  Every contender of a case is compiled and warmed up first and then timed in interleaved rounds
+(those over `SLOW` x the dense MLP apart, after the others).  Prints JSON with times and ratios and
+writes a bar plot next to `--json` (or to bench_moe.png).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.ops import moe_dispatch
+from kernels import host_moe
 from experiments.benchmarks.common import interleaved, machine, time_fn
 
 
@@ -84,6 +86,7 @@ def _case(t, e, k, d, f, strategies, runs, imbalance: float = 0.0):
 
   fns = {
       "dense": lambda *a: moe_dispatch.dense_experts(*a),
+      "host": lambda *a: host_moe.host_experts(*a),
       "blocked": lambda *a: moe_dispatch.blocked_experts(*a),
       "blocked_one_chain": lambda *a: moe_dispatch.blocked_experts(*a, chains=1),
       "ragged_dot": lambda *a: moe_dispatch.sorted_experts(*a, impl="xla"),
@@ -157,6 +160,8 @@ def run(flags) -> dict:
   else:
     d, f, grid = 256, 128, list(itertools.product([2048], [16, 64], [2, 4, 8]))
     strategies = ["dense", "blocked", "blocked_one_chain", "ragged_dot", "capacity_1.25"]
+    if host_moe.available():
+      strategies.insert(1, "host")
   rows = [_case(t, e, k, d, f, strategies, runs) for t, e, k in grid]
   skew = float(getattr(flags, "moe_imbalance", 0.0) or 0.0)
   if skew > 0:

@@ -1,0 +1,273 @@
+// The routed experts' SwiGLU FFN on the host (CPU) as an XLA FFI custom call: see kernels/host_moe.py.
+//
+// Rows are the T*K (token, slot) assignments of idx [T, K], sorted by expert inside each call (a stable
+// counting sort: the flat assignment index token * K + slot of each sorted row). The work is split into tiles of at most
+// `tile` rows of one expert; each tile gathers its token rows, runs its three products as single-threaded
+// BLAS sgemm calls (the host's OpenBLAS, loaded by dsj_host_moe_init) with the activation in between, and
+// writes its output rows back to their flat assignment positions. Tiles go to XLA's intra-op thread pool;
+// the calling thread works through them too. The backward computes dx per tile, then each expert's three
+// weight gradients over all its rows.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// cblas_sgemm of an ILP64 OpenBLAS (64-bit integer arguments).
+using SgemmFn = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                         const float*, int64_t, float, float*, int64_t);
+using SetThreadsFn = int (*)(int);
+SgemmFn g_sgemm = nullptr;
+SetThreadsFn g_set_threads_local = nullptr;
+
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
+
+void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  g_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.f, a, lda, b, ldb, beta,
+          c, ldc);
+}
+
+// Runs fn(0..n-1) on the calling thread and the pool's threads, each BLAS call single-threaded.
+template <typename Fn>
+void Parallel(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
+  if (n <= 0) return;
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  // Helpers may start after the caller has taken every index: they then touch only `state`.
+  auto work = [state, n, &fn]() {
+    g_set_threads_local(1);
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i);
+      state->done.fetch_add(1);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (state->done.load() < n) std::this_thread::yield();
+}
+
+struct Tile {
+  int64_t expert, row0, rows;
+};
+
+struct Layout {
+  std::vector<int64_t> order;   // flat assignment (token * K + slot) of each sorted row
+  std::vector<int64_t> start;   // first sorted row of each expert, and the routed total at the end
+  std::vector<Tile> tiles;
+  int64_t total;                 // routed rows; assignments to ids outside [0, E) sort after them, give 0
+};
+
+// A stable counting sort of the flat assignments by expert (the order of `jnp.argsort(stable=True)`).
+Layout MakeLayout(const int32_t* ids, int64_t rows, int64_t experts, int64_t tile) {
+  Layout l;
+  l.start.assign(experts + 1, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    if (ids[r] >= 0 && ids[r] < experts) ++l.start[ids[r] + 1];
+  for (int64_t e = 0; e < experts; ++e) l.start[e + 1] += l.start[e];
+  l.total = l.start[experts];
+  l.order.resize(rows);
+  std::vector<int64_t> next(l.start.begin(), l.start.end() - 1);
+  int64_t unrouted = l.total;
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool routed = ids[r] >= 0 && ids[r] < experts;
+    l.order[routed ? next[ids[r]]++ : unrouted++] = r;
+  }
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t r = l.start[e]; r < l.start[e + 1]; r += tile)
+      l.tiles.push_back({e, r, std::min(tile, l.start[e + 1] - r)});
+  return l;
+}
+
+// dst[i] = src[row_of(i)] for the `rows` rows of width d starting at sorted row r0.
+template <typename RowOf>
+void GatherRows(float* dst, const float* src, int64_t r0, int64_t rows, int64_t d, RowOf row_of) {
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * d, src + row_of(r0 + i) * d, sizeof(float) * d);
+}
+
+// exp of -|v| only, which cannot overflow (the library is built with -ffast-math, which assumes no inf).
+inline float Sigmoid(float v) {
+  const float e = std::exp(-std::fabs(v)), s = 1.f / (1.f + e);
+  return v >= 0.f ? s : e * s;
+}
+
+// Per-thread scratch of at least n floats, reused across tiles and calls (no allocation, no page faults).
+float* Scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+ffi::Error CheckReady() {
+  if (g_sgemm == nullptr || g_set_threads_local == nullptr)
+    return ffi::Error::Internal("host_moe: dsj_host_moe_init has not loaded a BLAS");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int dsj_host_moe_init(const char* library, const char* sgemm, const char* set_threads_local) {
+  void* handle = dlopen(library, RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) return 1;
+  auto gemm = reinterpret_cast<SgemmFn>(dlsym(handle, sgemm));
+  auto threads = reinterpret_cast<SetThreadsFn>(dlsym(handle, set_threads_local));
+  if (gemm == nullptr || threads == nullptr) return 2;
+  g_sgemm = gemm;
+  g_set_threads_local = threads;
+  return 0;
+}
+
+// y[order[r]] = (silu(x_r Wg) * (x_r Wu)) Wd for the expert of sorted row r, with x_r = x[order[r] / k].
+// Kept for the backward: gu (sorted rows, [x Wg | x Wu]) and wgu ([Wg | Wu] per expert, one product each
+// way instead of two narrow ones).
+static ffi::Error FfnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
+                             ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                             ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gu,
+                             ffi::ResultBuffer<ffi::F32> wgu, int64_t k, int64_t tile) {
+  if (ffi::Error err = CheckReady(); err.failure()) return err;
+  const int64_t experts = wg.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
+  const int64_t rows = idx.element_count();
+  const Layout l = MakeLayout(idx.typed_data(), rows, experts, tile);
+  const int64_t* ord = l.order.data();
+  const float *X = x.typed_data(), *WG = wg.typed_data(), *WU = wu.typed_data(), *WD = wd.typed_data();
+  float *Y = y->typed_data(), *GU = gu->typed_data(), *WGU = wgu->typed_data();
+  Parallel(pool, experts, [&](int64_t e) {
+    for (int64_t i = 0; i < d; ++i) {
+      std::memcpy(WGU + (e * d + i) * 2 * f, WG + (e * d + i) * f, sizeof(float) * f);
+      std::memcpy(WGU + (e * d + i) * 2 * f + f, WU + (e * d + i) * f, sizeof(float) * f);
+    }
+  });
+  for (int64_t r = l.total; r < rows; ++r) {
+    std::memset(Y + ord[r] * d, 0, sizeof(float) * d);
+    std::memset(GU + r * 2 * f, 0, sizeof(float) * 2 * f);
+  }
+  Parallel(pool, static_cast<int64_t>(l.tiles.size()), [&](int64_t i) {
+    const Tile& t = l.tiles[i];
+    float *xt = Scratch(0, t.rows * d), *h = Scratch(1, t.rows * f), *yt = Scratch(2, t.rows * d);
+    GatherRows(xt, X, t.row0, t.rows, d, [&](int64_t r) { return ord[r] / k; });
+    float* g = GU + t.row0 * 2 * f;
+    Gemm(false, false, t.rows, 2 * f, d, xt, d, WGU + t.expert * d * 2 * f, 2 * f, 0.f, g, 2 * f);
+    for (int64_t r = 0; r < t.rows; ++r)
+      for (int64_t c = 0; c < f; ++c) {
+        const float a = g[r * 2 * f + c];
+        h[r * f + c] = a * Sigmoid(a) * g[r * 2 * f + f + c];
+      }
+    Gemm(false, false, t.rows, d, f, h, f, WD + t.expert * f * d, d, 0.f, yt, d);
+    for (int64_t r = 0; r < t.rows; ++r) std::memcpy(Y + ord[t.row0 + r] * d, yt + r * d, sizeof(float) * d);
+  });
+  return ffi::Error::Success();
+}
+
+// Given dy (flat assignment rows): dx (flat assignment rows; the caller sums each token's K) and each
+// expert's dWg, dWu, dWd.
+static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
+                              ffi::Buffer<ffi::F32> wgu, ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> gu,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                              ffi::ResultBuffer<ffi::F32> dwg, ffi::ResultBuffer<ffi::F32> dwu,
+                              ffi::ResultBuffer<ffi::F32> dwd, ffi::ResultBuffer<ffi::F32> xs_buf,
+                              ffi::ResultBuffer<ffi::F32> dys_buf, ffi::ResultBuffer<ffi::F32> h_buf,
+                              ffi::ResultBuffer<ffi::F32> dgu_buf, int64_t k, int64_t tile) {
+  if (ffi::Error err = CheckReady(); err.failure()) return err;
+  const int64_t experts = wgu.dimensions()[0], d = x.dimensions()[1], f = wgu.dimensions()[2] / 2;
+  const int64_t rows = idx.element_count();
+  const Layout l = MakeLayout(idx.typed_data(), rows, experts, tile);
+  const int64_t* ord = l.order.data();
+  const float *X = x.typed_data(), *WGU = wgu.typed_data(), *WD = wd.typed_data();
+  const float *GU = gu.typed_data(), *DY = dy.typed_data();
+  float *DX = dx->typed_data(), *DWG = dwg->typed_data(), *DWU = dwu->typed_data(), *DWD = dwd->typed_data();
+  // Sorted copies of x and dy, h and d[gu] for the weight gradients: scratch outputs ([T*K, .]) that XLA
+  // allocates and the caller drops.
+  float *xs = xs_buf->typed_data(), *dys = dys_buf->typed_data(), *h = h_buf->typed_data();
+  float* dgu = dgu_buf->typed_data();
+  for (int64_t r = l.total; r < rows; ++r) std::memset(DX + ord[r] * d, 0, sizeof(float) * d);
+  Parallel(pool, static_cast<int64_t>(l.tiles.size()), [&](int64_t i) {
+    const Tile& t = l.tiles[i];
+    float *xt = xs + t.row0 * d, *dyt = dys + t.row0 * d;
+    GatherRows(xt, X, t.row0, t.rows, d, [&](int64_t r) { return ord[r] / k; });
+    GatherRows(dyt, DY, t.row0, t.rows, d, [&](int64_t r) { return ord[r]; });
+    float *dh = Scratch(0, t.rows * f), *dxt = Scratch(1, t.rows * d);
+    Gemm(false, true, t.rows, f, d, dyt, d, WD + t.expert * f * d, d, 0.f, dh, f);
+    const float* g = GU + t.row0 * 2 * f;
+    float *ht = h + t.row0 * f, *dg = dgu + t.row0 * 2 * f;
+    for (int64_t r = 0; r < t.rows; ++r)
+      for (int64_t c = 0; c < f; ++c) {
+        const float a = g[r * 2 * f + c], u = g[r * 2 * f + f + c], s = Sigmoid(a), silu = a * s;
+        const float grad = dh[r * f + c];
+        ht[r * f + c] = silu * u;
+        dg[r * 2 * f + c] = grad * u * s * (1.f + a * (1.f - s));
+        dg[r * 2 * f + f + c] = grad * silu;
+      }
+    Gemm(false, true, t.rows, d, 2 * f, dg, 2 * f, WGU + t.expert * d * 2 * f, 2 * f, 0.f, dxt, d);
+    for (int64_t r = 0; r < t.rows; ++r) std::memcpy(DX + ord[t.row0 + r] * d, dxt + r * d, sizeof(float) * d);
+  });
+  // Per expert: d[Wg | Wu] = xs^T d[gu] as one product, split into dWg and dWu; dWd = h^T dy.
+  Parallel(pool, 2 * experts, [&](int64_t i) {
+    const int64_t e = i / 2, r0 = l.start[e], n_rows = l.start[e + 1] - r0;
+    if (i % 2 == 1) {
+      float* out = DWD + e * f * d;
+      if (n_rows == 0) std::memset(out, 0, sizeof(float) * f * d);
+      else Gemm(true, false, f, d, n_rows, h + r0 * f, f, dys + r0 * d, d, 0.f, out, d);
+      return;
+    }
+    float* both = Scratch(0, d * 2 * f);
+    if (n_rows == 0) std::memset(both, 0, sizeof(float) * d * 2 * f);
+    else Gemm(true, false, d, 2 * f, n_rows, xs + r0 * d, d, dgu + r0 * 2 * f, 2 * f, 0.f, both, 2 * f);
+    for (int64_t j = 0; j < d; ++j) {
+      std::memcpy(DWG + (e * d + j) * f, both + j * 2 * f, sizeof(float) * f);
+      std::memcpy(DWU + (e * d + j) * f, both + j * 2 * f + f, sizeof(float) * f);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsj_host_moe_ffn_fwd, FfnForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [T, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [T, K] expert ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_gate [E, D, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_up [E, D, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_down [E, F, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [T*K, D], flat assignment order
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gu [T*K, 2F], sorted order
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // wgu [E, D, 2F]
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("tile"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsj_host_moe_ffn_bwd, FfnBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wgu
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_down
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gu
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy [T*K, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx [T*K, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d w_gate
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d w_up
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d w_down
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: sorted x [T*K, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: sorted dy [T*K, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: h [T*K, F]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: d[gu] [T*K, 2F]
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("tile"));
