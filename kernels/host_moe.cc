@@ -108,6 +108,41 @@ inline float Sigmoid(float v) {
   return v >= 0.f ? s : e * s;
 }
 
+// The SwiGLU on rows of gu = [g | u] (row stride 2f), in functions of their own so that the loops see
+// unaliased pointers and vectorize (with the vector exp of -ffast-math), cloned per x86 ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DSJ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DSJ_VECTOR_CLONES
+#endif
+
+// h = silu(g) * u.
+DSJ_VECTOR_CLONES void SwigluForward(const float* __restrict gu, float* __restrict h, int64_t rows,
+                                     int64_t f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict g = gu + r * 2 * f;
+    float* __restrict hr = h + r * f;
+    for (int64_t c = 0; c < f; ++c) hr[c] = g[c] * Sigmoid(g[c]) * g[f + c];
+  }
+}
+
+// h = silu(g) * u and d[gu] = [dh * u * silu'(g) | dh * silu(g)].
+DSJ_VECTOR_CLONES void SwigluBackward(const float* __restrict gu, const float* __restrict dh,
+                                      float* __restrict h, float* __restrict dgu, int64_t rows, int64_t f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict g = gu + r * 2 * f;
+    const float* __restrict d = dh + r * f;
+    float* __restrict hr = h + r * f;
+    float* __restrict dg = dgu + r * 2 * f;
+    for (int64_t c = 0; c < f; ++c) {
+      const float a = g[c], u = g[f + c], s = Sigmoid(a), silu = a * s;
+      hr[c] = silu * u;
+      dg[c] = d[c] * u * s * (1.f + a * (1.f - s));
+      dg[f + c] = d[c] * silu;
+    }
+  }
+}
+
 // Per-thread scratch of at least n floats, reused across tiles and calls (no allocation, no page faults).
 float* Scratch(int slot, int64_t n) {
   thread_local std::vector<float> buffers[3];
@@ -165,11 +200,7 @@ static ffi::Error FfnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     GatherRows(xt, X, t.row0, t.rows, d, [&](int64_t r) { return ord[r] / k; });
     float* g = GU + t.row0 * 2 * f;
     Gemm(false, false, t.rows, 2 * f, d, xt, d, WGU + t.expert * d * 2 * f, 2 * f, 0.f, g, 2 * f);
-    for (int64_t r = 0; r < t.rows; ++r)
-      for (int64_t c = 0; c < f; ++c) {
-        const float a = g[r * 2 * f + c];
-        h[r * f + c] = a * Sigmoid(a) * g[r * 2 * f + f + c];
-      }
+    SwigluForward(g, h, t.rows, f);
     Gemm(false, false, t.rows, d, f, h, f, WD + t.expert * f * d, d, 0.f, yt, d);
     for (int64_t r = 0; r < t.rows; ++r) std::memcpy(Y + ord[t.row0 + r] * d, yt + r * d, sizeof(float) * d);
   });
@@ -206,15 +237,8 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     float *dh = Scratch(0, t.rows * f), *dxt = Scratch(1, t.rows * d);
     Gemm(false, true, t.rows, f, d, dyt, d, WD + t.expert * f * d, d, 0.f, dh, f);
     const float* g = GU + t.row0 * 2 * f;
-    float *ht = h + t.row0 * f, *dg = dgu + t.row0 * 2 * f;
-    for (int64_t r = 0; r < t.rows; ++r)
-      for (int64_t c = 0; c < f; ++c) {
-        const float a = g[r * 2 * f + c], u = g[r * 2 * f + f + c], s = Sigmoid(a), silu = a * s;
-        const float grad = dh[r * f + c];
-        ht[r * f + c] = silu * u;
-        dg[r * 2 * f + c] = grad * u * s * (1.f + a * (1.f - s));
-        dg[r * 2 * f + f + c] = grad * silu;
-      }
+    float* dg = dgu + t.row0 * 2 * f;
+    SwigluBackward(g, dh, h + t.row0 * f, dg, t.rows, f);
     Gemm(false, true, t.rows, d, 2 * f, dg, 2 * f, WGU + t.expert * d * 2 * f, 2 * f, 0.f, dxt, d);
     for (int64_t r = 0; r < t.rows; ++r) std::memcpy(DX + ord[t.row0 + r] * d, dxt + r * d, sizeof(float) * d);
   });
