@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -106,6 +107,36 @@ void GatherRows(float* dst, const float* src, int64_t r0, int64_t rows, int64_t 
 inline float Sigmoid(float v) {
   const float e = std::exp(-std::fabs(v)), s = 1.f / (1.f + e);
   return v >= 0.f ? s : e * s;
+}
+
+// Scratch of the backward (sorted copies of x and dy, h, d[gu]), kept between calls so that its pages are
+// not faulted in again on every call; each concurrent call takes a set of its own.
+class ScratchPool {
+ public:
+  struct Set {
+    std::vector<float> xs, dys, h, dgu;
+  };
+  std::unique_ptr<Set> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) return std::make_unique<Set>();
+    std::unique_ptr<Set> set = std::move(free_.back());
+    free_.pop_back();
+    return set;
+  }
+  void Give(std::unique_ptr<Set> set) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(set));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Set>> free_;
+};
+ScratchPool g_scratch;
+
+float* Sized(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
 }
 
 // The SwiGLU on rows of gu = [g | u] (row stride 2f), in functions of their own so that the loops see
@@ -213,9 +244,7 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                               ffi::Buffer<ffi::F32> wgu, ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> gu,
                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                               ffi::ResultBuffer<ffi::F32> dwg, ffi::ResultBuffer<ffi::F32> dwu,
-                              ffi::ResultBuffer<ffi::F32> dwd, ffi::ResultBuffer<ffi::F32> xs_buf,
-                              ffi::ResultBuffer<ffi::F32> dys_buf, ffi::ResultBuffer<ffi::F32> h_buf,
-                              ffi::ResultBuffer<ffi::F32> dgu_buf, int64_t k, int64_t tile) {
+                              ffi::ResultBuffer<ffi::F32> dwd, int64_t k, int64_t tile) {
   if (ffi::Error err = CheckReady(); err.failure()) return err;
   const int64_t experts = wgu.dimensions()[0], d = x.dimensions()[1], f = wgu.dimensions()[2] / 2;
   const int64_t rows = idx.element_count();
@@ -224,10 +253,9 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float *X = x.typed_data(), *WGU = wgu.typed_data(), *WD = wd.typed_data();
   const float *GU = gu.typed_data(), *DY = dy.typed_data();
   float *DX = dx->typed_data(), *DWG = dwg->typed_data(), *DWU = dwu->typed_data(), *DWD = dwd->typed_data();
-  // Sorted copies of x and dy, h and d[gu] for the weight gradients: scratch outputs ([T*K, .]) that XLA
-  // allocates and the caller drops.
-  float *xs = xs_buf->typed_data(), *dys = dys_buf->typed_data(), *h = h_buf->typed_data();
-  float* dgu = dgu_buf->typed_data();
+  std::unique_ptr<ScratchPool::Set> scratch = g_scratch.Take();
+  float *xs = Sized(scratch->xs, l.total * d), *dys = Sized(scratch->dys, l.total * d);
+  float *h = Sized(scratch->h, l.total * f), *dgu = Sized(scratch->dgu, l.total * 2 * f);
   for (int64_t r = l.total; r < rows; ++r) std::memset(DX + ord[r] * d, 0, sizeof(float) * d);
   Parallel(pool, static_cast<int64_t>(l.tiles.size()), [&](int64_t i) {
     const Tile& t = l.tiles[i];
@@ -259,6 +287,7 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
       std::memcpy(DWU + (e * d + j) * f, both + j * 2 * f + f, sizeof(float) * f);
     }
   });
+  g_scratch.Give(std::move(scratch));
   return ffi::Error::Success();
 }
 
@@ -289,9 +318,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsj_host_moe_ffn_bwd, FfnBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d w_gate
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d w_up
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d w_down
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: sorted x [T*K, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: sorted dy [T*K, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: h [T*K, F]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // scratch: d[gu] [T*K, 2F]
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("tile"));

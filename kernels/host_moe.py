@@ -164,11 +164,10 @@ def _ffn_fwd(x, idx, w_gate, w_up, w_down, tile):
 def _ffn_bwd(tile, res, dy):
   x, idx, wgu, w_down, gu = res
   (t, k), d, f = idx.shape, x.shape[1], w_down.shape[1]
-  rows, e = t * k, wgu.shape[0]
-  shapes = [dy.shape, (e, d, f), (e, d, f), w_down.shape, (rows, d), (rows, d), (rows, f), (rows, 2 * f)]
-  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)   # the last four: the kernel's scratch
+  e = wgu.shape[0]
+  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in (dy.shape, (e, d, f), (e, d, f), w_down.shape))
   dx, dwg, dwu, dwd = jax.ffi.ffi_call(_BWD, out)(x, idx, wgu, w_down, gu, dy, k=np.int64(k),
-                                                  tile=np.int64(tile))[:4]
+                                                  tile=np.int64(tile))
   return dx.reshape(t, k, d).sum(1), None, dwg, dwu, dwd
 
 
