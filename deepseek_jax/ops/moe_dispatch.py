@@ -273,18 +273,16 @@ def _from_slots_bwd(ranges, res, g):
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
 
 
-def host_applies(x, w_gate, w_up, w_down) -> bool:
-  """Whether 'auto' runs the CPU experts with `kernels.host_moe`: float32 operands, a single device (the
-  custom call is opaque to sharding) and the kernel built here; otherwise, with a warning once when the
-  kernel itself is what is missing, the blocked layout."""
-  if any(a.dtype != jnp.float32 for a in (x, w_gate, w_up, w_down)) or jax.device_count() != 1:
-    return False
-  if jax.default_backend() != "cpu":
-    return False
+def cpu_default_impl(dtype) -> str:
+  """What moe_impl='auto' runs on CPU for experts computed in `dtype`: 'host' (`kernels.host_moe`) for
+  float32 on a single device (the custom call is opaque to sharding) where the kernel builds, else
+  'blocked' (with a warning, once, when the kernel itself is what is missing)."""
+  if jnp.dtype(dtype) != jnp.float32 or jax.device_count() != 1 or jax.default_backend() != "cpu":
+    return "blocked"
   if not host_moe.available():
     host_moe.warn_if_unavailable()
-    return False
-  return True
+    return "blocked"
+  return "host"
 
 
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
@@ -298,7 +296,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
     idx, weights: [T, K] expert ids and gate weights from the router.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
     impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'host' | 'blocked' | 'xla' | 'pallas'); 'auto' is
-      'pallas' on GPU and, on CPU, 'host' where `host_applies` and 'blocked' otherwise.
+      'pallas' on GPU and `cpu_default_impl(x.dtype)` ('host' or 'blocked') on CPU.
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
       (`deepseek_jax.layers.fp8_experts`).
   """
@@ -312,7 +310,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
   if impl == "dense":
     return dense_experts(x, idx, weights, w_gate, w_up, w_down)
   if impl == "auto" and not on_gpu():
-    impl = "host" if host_applies(x, w_gate, w_up, w_down) else "blocked"
+    impl = cpu_default_impl(x.dtype) if w_gate.dtype == x.dtype else "blocked"
   if impl == "host":
     return host_moe.host_experts(x, idx, weights, w_gate, w_up, w_down)
   if impl == "blocked":

@@ -144,6 +144,7 @@ def run(flags) -> dict:
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
             "ours": rates("ours", compile_s=compile_s["ours"], moe_impl=cfg.moe_impl,
+                          moe_impl_resolved=_resolved_moe_impl(cfg),
                           attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
                           dtype=cfg.dtype)}
   if datasheet:
@@ -175,6 +176,14 @@ def run(flags) -> dict:
     except (RuntimeError, OSError, ValueError) as err:
       result["profile_error"] = f"{type(err).__name__}: {err}"
   return result
+
+
+def _resolved_moe_impl(cfg) -> str:
+  """The dispatch cfg.moe_impl runs here ('auto' resolved as `moe_dispatch.routed_experts` does)."""
+  from deepseek_jax.ops import moe_dispatch  # pylint: disable=g-import-not-at-top
+  if cfg.moe_impl != "auto":
+    return cfg.moe_impl
+  return "pallas" if jax.default_backend() == "gpu" else moe_dispatch.cpu_default_impl(cfg.dtype)
 
 
 def _profile(step_and_args, out_dir: str) -> dict:
