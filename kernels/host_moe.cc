@@ -1,12 +1,12 @@
 // The routed experts' SwiGLU FFN on the host (CPU) as an XLA FFI custom call: see kernels/host_moe.py.
 //
 // Rows are the T*K (token, slot) assignments of idx [T, K], sorted by expert inside each call (a stable
-// counting sort: the flat assignment index token * K + slot of each sorted row). The work is split into tiles of at most
-// `tile` rows of one expert; each tile gathers its token rows, runs its three products as single-threaded
-// BLAS sgemm calls (the host's OpenBLAS, loaded by dsj_host_moe_init) with the activation in between, and
-// writes its output rows back to their flat assignment positions. Tiles go to XLA's intra-op thread pool;
-// the calling thread works through them too. The backward computes dx per tile, then each expert's three
-// weight gradients over all its rows.
+// counting sort: the flat assignment index token * K + slot of each sorted row). The work is split into
+// tiles of at most `tile` rows of one expert; each tile gathers its token rows, runs its products as
+// single-threaded BLAS sgemm calls (the host's OpenBLAS, loaded by dsj_host_moe_init) with the activation
+// in between, and writes its output rows back to their flat assignment positions. Tiles go to XLA's
+// intra-op thread pool; the calling thread works through them too. The backward computes dx per tile,
+// then each expert's weight gradients over all its rows.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -268,7 +268,8 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     float* dg = dgu + t.row0 * 2 * f;
     SwigluBackward(g, dh, h + t.row0 * f, dg, t.rows, f);
     Gemm(false, true, t.rows, d, 2 * f, dg, 2 * f, WGU + t.expert * d * 2 * f, 2 * f, 0.f, dxt, d);
-    for (int64_t r = 0; r < t.rows; ++r) std::memcpy(DX + ord[t.row0 + r] * d, dxt + r * d, sizeof(float) * d);
+    for (int64_t r = 0; r < t.rows; ++r)
+      std::memcpy(DX + ord[t.row0 + r] * d, dxt + r * d, sizeof(float) * d);
   });
   // Per expert: d[Wg | Wu] = xs^T d[gu] as one product, split into dWg and dWu; dWd = h^T dy.
   Parallel(pool, 2 * experts, [&](int64_t i) {

@@ -14,9 +14,9 @@ rows), spread over XLA's intra-op thread pool:
 
 The C++ source (`host_moe.cc`) is compiled on first use with the system C++ compiler against the FFI
 headers that jaxlib ships, into a cache directory (`DEEPSEEK_JAX_CACHE`, default
-`~/.cache/deepseek_jax`), keyed by the source, jaxlib's version and the compiler. `available()` says
-whether that worked; without a compiler or an ILP64 OpenBLAS the callers keep XLA's own layouts.
-float32 only; one device (the custom call is opaque to the SPMD partitioner).
+`~/.cache/deepseek_jax`), keyed by the source, jaxlib's version, the compiler and its flags.
+`available()` says whether that worked; without a compiler or an ILP64 OpenBLAS the callers keep XLA's own
+layouts. float32 only; one device (the custom call is opaque to the SPMD partitioner).
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def _forward_call(x, idx, w_gate, w_up, w_down, tile):
   """(y [T*K, D] in flat assignment order, gu [T*K, 2F] sorted, [Wg | Wu] [E, D, 2F])."""
   rows, k, f = idx.size, idx.shape[1], w_gate.shape[2]
   e, d = w_gate.shape[:2]
-  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((rows, x.shape[1]), (rows, 2 * f), (e, d, 2 * f)))
+  shapes = ((rows, x.shape[1]), (rows, 2 * f), (e, d, 2 * f))
+  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
   return jax.ffi.ffi_call(_FWD, out)(x, idx, w_gate, w_up, w_down, k=np.int64(k), tile=np.int64(tile))
 
 
@@ -193,9 +194,12 @@ def host_experts(x, idx, weights, w_gate, w_up, w_down, *, tile: int = TILE):
     if a.dtype != jnp.float32:
       raise ValueError(f"host_experts: {name} must be float32, got {a.dtype}")
   e, d, f = w_gate.shape
-  if x.shape[1] != d or w_up.shape != (e, d, f) or w_down.shape != (e, f, d):
-    raise ValueError(f"host_experts: x {x.shape}, w_gate {w_gate.shape}, w_up {w_up.shape}, "
-                     f"w_down {w_down.shape} do not match")
+  if (x.ndim != 2 or idx.ndim != 2 or idx.shape != weights.shape or idx.shape[0] != x.shape[0]
+      or x.shape[1] != d or w_up.shape != (e, d, f) or w_down.shape != (e, f, d)):
+    raise ValueError(f"host_experts: x {x.shape}, idx {idx.shape}, weights {weights.shape}, w_gate "
+                     f"{w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} do not match")
+  if int(tile) < 1:
+    raise ValueError(f"host_experts: tile must be >= 1, got {tile}")
   t, k = idx.shape
   y = _ffn(x, jax.lax.stop_gradient(idx).astype(jnp.int32), w_gate, w_up, w_down, int(tile)).reshape(t, k, d)
   return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))

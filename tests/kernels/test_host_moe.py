@@ -90,16 +90,21 @@ def test_large_activations_stay_finite_and_exact():
 def test_matches_the_blocked_layout_and_is_deterministic():
   x, idx, weights, ws = _case(256, 16, 4, 32, 16, seed=1)
   y = jax.jit(host_moe.host_experts)(x, idx, weights, *ws)
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(host_moe.host_experts)(x, idx, weights, *ws)))
+  again = jax.jit(host_moe.host_experts)(x, idx, weights, *ws)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(again))
   blocked = moe_dispatch.blocked_experts(x, idx, weights, *ws)
   _assert_close(y, blocked)
 
 
 @needs_kernel
-def test_rejects_other_dtypes():
+def test_rejects_other_dtypes_mismatched_shapes_and_empty_tiles():
   x, idx, weights, ws = _case(16, 4, 2, 8, 8)
   with pytest.raises(ValueError, match="float32"):
     host_moe.host_experts(x.astype(jnp.bfloat16), idx, weights, *ws)
+  with pytest.raises(ValueError, match="do not match"):
+    host_moe.host_experts(x[:8], idx, weights, *ws)
+  with pytest.raises(ValueError, match="tile"):
+    host_moe.host_experts(x, idx, weights, *ws, tile=0)
 
 
 @needs_kernel
