@@ -177,9 +177,7 @@ DSJ_VECTOR_CLONES void SwigluBackward(const float* __restrict gu, const float* _
 // Per-thread scratch of at least n floats, reused across tiles and calls (no allocation, no page faults).
 float* Scratch(int slot, int64_t n) {
   thread_local std::vector<float> buffers[3];
-  std::vector<float>& b = buffers[slot];
-  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
+  return Sized(buffers[slot], n);
 }
 
 ffi::Error CheckReady() {
@@ -202,25 +200,18 @@ extern "C" int dsj_host_moe_init(const char* library, const char* sgemm, const c
 }
 
 // y[order[r]] = (silu(x_r Wg) * (x_r Wu)) Wd for the expert of sorted row r, with x_r = x[order[r] / k].
-// Kept for the backward: gu (sorted rows, [x Wg | x Wu]) and wgu ([Wg | Wu] per expert, one product each
-// way instead of two narrow ones).
+// Kept for the backward: gu (sorted rows, [x Wg | x Wu]).
 static ffi::Error FfnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
                              ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
                              ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gu,
-                             ffi::ResultBuffer<ffi::F32> wgu, int64_t k, int64_t tile) {
+                             int64_t k, int64_t tile) {
   if (ffi::Error err = CheckReady(); err.failure()) return err;
   const int64_t experts = wg.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
   const int64_t rows = idx.element_count();
   const Layout l = MakeLayout(idx.typed_data(), rows, experts, tile);
   const int64_t* ord = l.order.data();
   const float *X = x.typed_data(), *WG = wg.typed_data(), *WU = wu.typed_data(), *WD = wd.typed_data();
-  float *Y = y->typed_data(), *GU = gu->typed_data(), *WGU = wgu->typed_data();
-  Parallel(pool, experts, [&](int64_t e) {
-    for (int64_t i = 0; i < d; ++i) {
-      std::memcpy(WGU + (e * d + i) * 2 * f, WG + (e * d + i) * f, sizeof(float) * f);
-      std::memcpy(WGU + (e * d + i) * 2 * f + f, WU + (e * d + i) * f, sizeof(float) * f);
-    }
-  });
+  float *Y = y->typed_data(), *GU = gu->typed_data();
   for (int64_t r = l.total; r < rows; ++r) {
     std::memset(Y + ord[r] * d, 0, sizeof(float) * d);
     std::memset(GU + r * 2 * f, 0, sizeof(float) * 2 * f);
@@ -230,7 +221,8 @@ static ffi::Error FfnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     float *xt = Scratch(0, t.rows * d), *h = Scratch(1, t.rows * f), *yt = Scratch(2, t.rows * d);
     GatherRows(xt, X, t.row0, t.rows, d, [&](int64_t r) { return ord[r] / k; });
     float* g = GU + t.row0 * 2 * f;
-    Gemm(false, false, t.rows, 2 * f, d, xt, d, WGU + t.expert * d * 2 * f, 2 * f, 0.f, g, 2 * f);
+    Gemm(false, false, t.rows, f, d, xt, d, WG + t.expert * d * f, f, 0.f, g, 2 * f);
+    Gemm(false, false, t.rows, f, d, xt, d, WU + t.expert * d * f, f, 0.f, g + f, 2 * f);
     SwigluForward(g, h, t.rows, f);
     Gemm(false, false, t.rows, d, f, h, f, WD + t.expert * f * d, d, 0.f, yt, d);
     for (int64_t r = 0; r < t.rows; ++r) std::memcpy(Y + ord[t.row0 + r] * d, yt + r * d, sizeof(float) * d);
@@ -241,16 +233,17 @@ static ffi::Error FfnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
 // Given dy (flat assignment rows): dx (flat assignment rows; the caller sums each token's K) and each
 // expert's dWg, dWu, dWd.
 static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
-                              ffi::Buffer<ffi::F32> wgu, ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> gu,
+                              ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                              ffi::Buffer<ffi::F32> gu,
                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                               ffi::ResultBuffer<ffi::F32> dwg, ffi::ResultBuffer<ffi::F32> dwu,
                               ffi::ResultBuffer<ffi::F32> dwd, int64_t k, int64_t tile) {
   if (ffi::Error err = CheckReady(); err.failure()) return err;
-  const int64_t experts = wgu.dimensions()[0], d = x.dimensions()[1], f = wgu.dimensions()[2] / 2;
+  const int64_t experts = wg.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
   const int64_t rows = idx.element_count();
   const Layout l = MakeLayout(idx.typed_data(), rows, experts, tile);
   const int64_t* ord = l.order.data();
-  const float *X = x.typed_data(), *WGU = wgu.typed_data(), *WD = wd.typed_data();
+  const float *X = x.typed_data(), *WG = wg.typed_data(), *WU = wu.typed_data(), *WD = wd.typed_data();
   const float *GU = gu.typed_data(), *DY = dy.typed_data();
   float *DX = dx->typed_data(), *DWG = dwg->typed_data(), *DWU = dwu->typed_data(), *DWD = dwd->typed_data();
   std::unique_ptr<ScratchPool::Set> scratch = g_scratch.Take();
@@ -267,7 +260,8 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     const float* g = GU + t.row0 * 2 * f;
     float* dg = dgu + t.row0 * 2 * f;
     SwigluBackward(g, dh, h + t.row0 * f, dg, t.rows, f);
-    Gemm(false, true, t.rows, d, 2 * f, dg, 2 * f, WGU + t.expert * d * 2 * f, 2 * f, 0.f, dxt, d);
+    Gemm(false, true, t.rows, d, f, dg, 2 * f, WG + t.expert * d * f, f, 0.f, dxt, d);
+    Gemm(false, true, t.rows, d, f, dg + f, 2 * f, WU + t.expert * d * f, f, 1.f, dxt, d);
     for (int64_t r = 0; r < t.rows; ++r)
       std::memcpy(DX + ord[t.row0 + r] * d, dxt + r * d, sizeof(float) * d);
   });
@@ -302,7 +296,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsj_host_moe_ffn_fwd, FfnForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_down [E, F, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // y [T*K, D], flat assignment order
                                   .Ret<ffi::Buffer<ffi::F32>>()   // gu [T*K, 2F], sorted order
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // wgu [E, D, 2F]
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("tile"));
 
@@ -311,7 +304,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsj_host_moe_ffn_bwd, FfnBackward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::S32>>()   // idx
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // wgu
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_gate
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_up
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_down
                                   .Arg<ffi::Buffer<ffi::F32>>()   // gu
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dy [T*K, D]

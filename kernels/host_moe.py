@@ -143,11 +143,9 @@ def _require():
 
 
 def _forward_call(x, idx, w_gate, w_up, w_down, tile):
-  """(y [T*K, D] in flat assignment order, gu [T*K, 2F] sorted, [Wg | Wu] [E, D, 2F])."""
+  """(y [T*K, D] in flat assignment order, gu [T*K, 2F] in sorted order)."""
   rows, k, f = idx.size, idx.shape[1], w_gate.shape[2]
-  e, d = w_gate.shape[:2]
-  shapes = ((rows, x.shape[1]), (rows, 2 * f), (e, d, 2 * f))
-  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((rows, x.shape[1]), (rows, 2 * f)))
   return jax.ffi.ffi_call(_FWD, out)(x, idx, w_gate, w_up, w_down, k=np.int64(k), tile=np.int64(tile))
 
 
@@ -158,16 +156,15 @@ def _ffn(x, idx, w_gate, w_up, w_down, tile):
 
 
 def _ffn_fwd(x, idx, w_gate, w_up, w_down, tile):
-  y, gu, wgu = _forward_call(x, idx, w_gate, w_up, w_down, tile)
-  return y, (x, idx, wgu, w_down, gu)
+  y, gu = _forward_call(x, idx, w_gate, w_up, w_down, tile)
+  return y, (x, idx, w_gate, w_up, w_down, gu)
 
 
 def _ffn_bwd(tile, res, dy):
-  x, idx, wgu, w_down, gu = res
-  (t, k), d, f = idx.shape, x.shape[1], w_down.shape[1]
-  e = wgu.shape[0]
-  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in (dy.shape, (e, d, f), (e, d, f), w_down.shape))
-  dx, dwg, dwu, dwd = jax.ffi.ffi_call(_BWD, out)(x, idx, wgu, w_down, gu, dy, k=np.int64(k),
+  x, idx, w_gate, w_up, w_down, gu = res
+  (t, k), d = idx.shape, x.shape[1]
+  out = tuple(jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in (dy, w_gate, w_up, w_down))
+  dx, dwg, dwu, dwd = jax.ffi.ffi_call(_BWD, out)(x, idx, w_gate, w_up, w_down, gu, dy, k=np.int64(k),
                                                   tile=np.int64(tile))
   return dx.reshape(t, k, d).sum(1), None, dwg, dwu, dwd
 

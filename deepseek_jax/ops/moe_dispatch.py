@@ -273,16 +273,27 @@ def _from_slots_bwd(ranges, res, g):
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
 
 
-def cpu_default_impl(dtype) -> str:
-  """What moe_impl='auto' runs on CPU for experts computed in `dtype`: 'host' (`kernels.host_moe`) for
-  float32 on a single device (the custom call is opaque to sharding) where the kernel builds, else
-  'blocked' (with a warning, once, when the kernel itself is what is missing)."""
-  if jnp.dtype(dtype) != jnp.float32 or jax.device_count() != 1 or jax.default_backend() != "cpu":
+def cpu_default_impl(*dtypes) -> str:
+  """What moe_impl='auto' runs on CPU for experts whose operands have these dtypes: 'host'
+  (`kernels.host_moe`) when all are float32, on a single device (the custom call is opaque to sharding)
+  and where the kernel builds, else 'blocked' (with a warning, once, when the kernel itself is what is
+  missing)."""
+  if any(jnp.dtype(t) != jnp.float32 for t in dtypes) or jax.device_count() != 1:
+    return "blocked"
+  if jax.default_backend() != "cpu":
     return "blocked"
   if not host_moe.available():
     host_moe.warn_if_unavailable()
     return "blocked"
   return "host"
+
+
+def resolved_impl(impl: str, *dtypes) -> str:
+  """The layout `routed_experts` runs for `impl` on one device: 'auto' is 'pallas' on GPU and
+  `cpu_default_impl(*dtypes)` elsewhere; other values are themselves."""
+  if impl != "auto":
+    return impl
+  return "pallas" if on_gpu() else cpu_default_impl(*dtypes)
 
 
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
@@ -296,7 +307,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
     idx, weights: [T, K] expert ids and gate weights from the router.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
     impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'host' | 'blocked' | 'xla' | 'pallas'); 'auto' is
-      'pallas' on GPU and `cpu_default_impl(x.dtype)` ('host' or 'blocked') on CPU.
+      'pallas' on GPU and 'host' or 'blocked' on CPU (`resolved_impl`).
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
       (`deepseek_jax.layers.fp8_experts`).
   """
@@ -309,8 +320,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
     return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
   if impl == "dense":
     return dense_experts(x, idx, weights, w_gate, w_up, w_down)
-  if impl == "auto" and not on_gpu():
-    impl = cpu_default_impl(x.dtype) if w_gate.dtype == x.dtype else "blocked"
+  impl = resolved_impl(impl, x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
   if impl == "host":
     return host_moe.host_experts(x, idx, weights, w_gate, w_up, w_down)
   if impl == "blocked":

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from deepseek_jax import DeepSeekV3
 from deepseek_jax.analysis.flops import train_flops_per_token
 from deepseek_jax.analysis.hardware import gpu_for_device
+from deepseek_jax.ops import moe_dispatch
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
@@ -144,7 +145,7 @@ def run(flags) -> dict:
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
             "ours": rates("ours", compile_s=compile_s["ours"], moe_impl=cfg.moe_impl,
-                          moe_impl_resolved=_resolved_moe_impl(cfg),
+                          moe_impl_resolved=moe_dispatch.resolved_impl(cfg.moe_impl, cfg.dtype),
                           attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
                           dtype=cfg.dtype)}
   if datasheet:
@@ -176,14 +177,6 @@ def run(flags) -> dict:
     except (RuntimeError, OSError, ValueError) as err:
       result["profile_error"] = f"{type(err).__name__}: {err}"
   return result
-
-
-def _resolved_moe_impl(cfg) -> str:
-  """The dispatch cfg.moe_impl runs here ('auto' resolved as `moe_dispatch.routed_experts` does)."""
-  from deepseek_jax.ops import moe_dispatch  # pylint: disable=g-import-not-at-top
-  if cfg.moe_impl != "auto":
-    return cfg.moe_impl
-  return "pallas" if jax.default_backend() == "gpu" else moe_dispatch.cpu_default_impl(cfg.dtype)
 
 
 def _profile(step_and_args, out_dir: str) -> dict:

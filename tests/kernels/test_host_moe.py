@@ -112,6 +112,9 @@ def test_cpu_default_uses_the_kernel_for_float32_on_one_device():
   x, idx, weights, ws = _case(32, 4, 2, 8, 8)
   assert moe_dispatch.cpu_default_impl(jnp.float32) == ("host" if jax.device_count() == 1 else "blocked")
   assert moe_dispatch.cpu_default_impl(jnp.bfloat16) == "blocked"
+  assert moe_dispatch.cpu_default_impl(jnp.float32, jnp.bfloat16) == "blocked"
+  assert moe_dispatch.resolved_impl("auto", jnp.float32) == moe_dispatch.cpu_default_impl(jnp.float32)
+  assert moe_dispatch.resolved_impl("blocked", jnp.float32) == "blocked"
   text = jax.jit(lambda *a: moe_dispatch.routed_experts(*a)).lower(x, idx, weights, *ws).as_text()
   assert ("dsj_host_moe_ffn_fwd" in text) == (jax.device_count() == 1)
 
