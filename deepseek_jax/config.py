@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "host", "pallas")
 MOE_IMPLS = ("auto", "dense", "host", "blocked", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -134,7 +134,9 @@ class ModelConfig:
   fp8_weight_block: int = 128             # square block of those scales (the release: 128 x 128)
 
   # --- implementation choices (never change the math) ---
-  attention_impl: str = "auto"            # auto (xla on CPU, pallas on GPU) | xla | pallas
+  attention_impl: str = "auto"            # auto (host, else xla, on CPU; pallas on GPU) | xla | host
+                                          # (causal MLA attention in an FFI call over BLAS, CPU float32;
+                                          # kernels.host_attention) | pallas
   moe_impl: str = "auto"                  # auto (host, else blocked, on CPU; pallas on GPU) | dense (every
                                           # expert on every token) | host (sort + per-expert BLAS GEMMs
                                           # in an FFI call, CPU float32; kernels.host_moe) | blocked (sort,

@@ -3,67 +3,25 @@
 // Rows are the T*K (token, slot) assignments of idx [T, K], sorted by expert inside each call (a stable
 // counting sort: the flat assignment index token * K + slot of each sorted row). The work is split into
 // tiles of at most `tile` rows of one expert; each tile gathers its token rows, runs its products as
-// single-threaded BLAS sgemm calls (the host's OpenBLAS, loaded by dsj_host_moe_init) with the activation
-// in between, and writes its output rows back to their flat assignment positions. Tiles go to XLA's
-// intra-op thread pool; the calling thread works through them too. The backward computes dx per tile,
-// then each expert's weight gradients over all its rows.
-#include <dlfcn.h>
-
-#include <algorithm>
-#include <atomic>
+// single-threaded BLAS sgemm calls (host_blas.h) with the activation in between, and writes its output
+// rows back to their flat assignment positions. Tiles go to XLA's intra-op thread pool; the calling
+// thread works through them too. The backward computes dx per tile, then each expert's weight gradients
+// over all its rows.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "host_blas.h"
 
 namespace ffi = xla::ffi;
+using dsj::Gemm;
+using dsj::Parallel;
+using dsj::Sized;
 
 namespace {
-
-// cblas_sgemm of an ILP64 OpenBLAS (64-bit integer arguments).
-using SgemmFn = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
-                         const float*, int64_t, float, float*, int64_t);
-using SetThreadsFn = int (*)(int);
-SgemmFn g_sgemm = nullptr;
-SetThreadsFn g_set_threads_local = nullptr;
-
-enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
-
-void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc) {
-  g_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.f, a, lda, b, ldb, beta,
-          c, ldc);
-}
-
-// Runs fn(0..n-1) on the calling thread and the pool's threads, each BLAS call single-threaded.
-template <typename Fn>
-void Parallel(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
-  if (n <= 0) return;
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  // Helpers may start after the caller has taken every index: they then touch only `state`.
-  auto work = [state, n, &fn]() {
-    g_set_threads_local(1);
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      fn(i);
-      state->done.fetch_add(1);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (state->done.load() < n) std::this_thread::yield();
-}
 
 struct Tile {
   int64_t expert, row0, rows;
@@ -134,19 +92,7 @@ class ScratchPool {
 };
 ScratchPool g_scratch;
 
-float* Sized(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
-// The SwiGLU on rows of gu = [g | u] (row stride 2f), in functions of their own so that the loops see
-// unaliased pointers and vectorize (with the vector exp of -ffast-math), cloned per x86 ISA.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DSJ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DSJ_VECTOR_CLONES
-#endif
-
+// The SwiGLU on rows of gu = [g | u] (row stride 2f).
 // h = silu(g) * u.
 DSJ_VECTOR_CLONES void SwigluForward(const float* __restrict gu, float* __restrict h, int64_t rows,
                                      int64_t f) {
@@ -180,24 +126,7 @@ float* Scratch(int slot, int64_t n) {
   return Sized(buffers[slot], n);
 }
 
-ffi::Error CheckReady() {
-  if (g_sgemm == nullptr || g_set_threads_local == nullptr)
-    return ffi::Error::Internal("host_moe: dsj_host_moe_init has not loaded a BLAS");
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-extern "C" int dsj_host_moe_init(const char* library, const char* sgemm, const char* set_threads_local) {
-  void* handle = dlopen(library, RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) return 1;
-  auto gemm = reinterpret_cast<SgemmFn>(dlsym(handle, sgemm));
-  auto threads = reinterpret_cast<SetThreadsFn>(dlsym(handle, set_threads_local));
-  if (gemm == nullptr || threads == nullptr) return 2;
-  g_sgemm = gemm;
-  g_set_threads_local = threads;
-  return 0;
-}
 
 // y[order[r]] = (silu(x_r Wg) * (x_r Wu)) Wd for the expert of sorted row r, with x_r = x[order[r] / k].
 // Kept for the backward: gu (sorted rows, [x Wg | x Wu]).
@@ -205,7 +134,7 @@ static ffi::Error FfnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
                              ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
                              ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gu,
                              int64_t k, int64_t tile) {
-  if (ffi::Error err = CheckReady(); err.failure()) return err;
+  if (ffi::Error err = dsj::CheckReady(); err.failure()) return err;
   const int64_t experts = wg.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
   const int64_t rows = idx.element_count();
   const Layout l = MakeLayout(idx.typed_data(), rows, experts, tile);
@@ -238,7 +167,7 @@ static ffi::Error FfnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                               ffi::ResultBuffer<ffi::F32> dwg, ffi::ResultBuffer<ffi::F32> dwu,
                               ffi::ResultBuffer<ffi::F32> dwd, int64_t k, int64_t tile) {
-  if (ffi::Error err = CheckReady(); err.failure()) return err;
+  if (ffi::Error err = dsj::CheckReady(); err.failure()) return err;
   const int64_t experts = wg.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
   const int64_t rows = idx.element_count();
   const Layout l = MakeLayout(idx.typed_data(), rows, experts, tile);

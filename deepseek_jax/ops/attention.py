@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.ops.backend import resolve
+from deepseek_jax.ops.backend import on_gpu, resolve
+from kernels import host_attention, host_build
 
 # Query rows per chunk of `causal_attention`: each chunk scores only the keys at or before its last row, so
 # the masked upper triangle is mostly skipped; at most this many chunks (the loop is unrolled).
@@ -136,15 +137,28 @@ def causal_attention(q, k, v, *, scale: float):
   return heads(out).astype(q.dtype)
 
 
+def resolved_impl(impl: str, *dtypes) -> str:
+  """The implementation `mla_attention` runs for `impl` and operands of these dtypes: 'auto' is 'pallas' on
+  GPU, and on CPU 'host' (`kernels.host_attention`) for float32 operands on one device where the kernel
+  builds, else 'xla'; other values are themselves."""
+  if impl == "auto" and not on_gpu() and host_build.usable_for(
+      *dtypes, what="kernels.host_attention", fallback="CPU attention uses the chunked XLA path"):
+    return "host"
+  return resolve(impl, field="attention_impl")
+
+
 def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, impl: str = "auto"):
   """MLA's naive-path attention: q = [q_nope | q_pe] per head, k = [k_nope | k_pe] with k_pe shared.
 
-  Without a cache (q_slots None, S == T) the parts are concatenated (k_pe copied to every head) and run by
-  `attention`: the Pallas flash kernel or the chunked `causal_attention`.  With a cache the XLA reference
-  scores the two parts separately.
+  Without a cache (q_slots None, S == T) it runs in the host kernel (`kernels.host_attention`, impl
+  'host'), or with the parts concatenated (k_pe copied to every head) by `attention`: the Pallas flash
+  kernel or the chunked `causal_attention`.  With a cache the XLA reference scores the two parts
+  separately.
   """
-  impl = resolve(impl, field="attention_impl")
+  impl = resolved_impl(impl, q_nope.dtype, q_pe.dtype, k_nope.dtype, k_pe.dtype, v.dtype)
   if q_slots is None and q_nope.shape[1] == k_nope.shape[1]:
+    if impl == "host":
+      return host_attention.mla_causal_attention(q_nope, q_pe, k_nope, k_pe, v, scale=scale)
     k_pe_h = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (k_pe.shape[-1],))
     return attention(jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe_h], -1), v,
                      scale=scale, impl=impl)
@@ -159,7 +173,7 @@ def attention(q, k, v, *, scale: float, q_slots=None, impl: str = "auto"):
     scale: softmax scale (YaRN's mscale already folded in).
     q_slots: [B, S] int32 slot of each query in the key sequence, or None for plain causal attention over
       S == T (or the last S of T).
-    impl: 'auto' | 'xla' | 'pallas' (`ModelConfig.attention_impl`).
+    impl: 'auto' | 'xla' | 'pallas' (`ModelConfig.attention_impl`; 'host' runs as 'xla' here).
   Returns:
     [B, S, H, Dv] in q's dtype.
   """

@@ -9,11 +9,12 @@ def on_gpu() -> bool:
 
 
 def resolve(impl: str, *, field: str) -> str:
-  """'auto' becomes 'pallas' on GPU and 'xla' elsewhere; other values pass through."""
+  """'auto' becomes 'pallas' on GPU and 'xla' elsewhere; other values pass through (where a host kernel
+  does not apply, 'host' runs as 'xla')."""
   if impl == "auto":
     return "pallas" if on_gpu() else "xla"
-  if impl not in ("xla", "pallas", "dense"):
-    raise ValueError(f"{field}={impl!r}: expected auto, xla or pallas")
+  if impl not in ("xla", "pallas", "dense", "host"):
+    raise ValueError(f"{field}={impl!r}: expected auto, xla, host or pallas")
   return impl
 
 

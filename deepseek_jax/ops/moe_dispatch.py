@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import host_moe
+from kernels import host_build, host_moe
 from kernels.dispatch import combine, permute, sort_by_expert, take_rows
 from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
@@ -278,12 +278,8 @@ def cpu_default_impl(*dtypes) -> str:
   (`kernels.host_moe`) when all are float32, on a single device (the custom call is opaque to sharding)
   and where the kernel builds, else 'blocked' (with a warning, once, when the kernel itself is what is
   missing)."""
-  if any(jnp.dtype(t) != jnp.float32 for t in dtypes) or jax.device_count() != 1:
-    return "blocked"
-  if jax.default_backend() != "cpu":
-    return "blocked"
-  if not host_moe.available():
-    host_moe.warn_if_unavailable()
+  if not host_build.usable_for(*dtypes, what="kernels.host_moe",
+                              fallback="the CPU MoE layer uses the blocked layout"):
     return "blocked"
   return "host"
 

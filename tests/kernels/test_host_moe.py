@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.ops import moe_dispatch
-from kernels import host_moe
+from kernels import host_build, host_moe
 
 # Where a compiler and numpy's ILP64 OpenBLAS are present (CI's machine) the kernel must build.
 _BUILDABLE = shutil.which("c++") or shutil.which("g++")
@@ -121,7 +121,7 @@ def test_cpu_default_uses_the_kernel_for_float32_on_one_device():
 
 def test_cpu_default_falls_back_to_blocked_with_a_warning(monkeypatch):
   x, idx, weights, ws = _case(32, 4, 2, 8, 8)
-  monkeypatch.setattr(host_moe, "_state", {"reason": "no C++ compiler (test)"})
+  monkeypatch.setattr(host_build, "_state", {"reason": "no C++ compiler (test)"})
   assert not host_moe.available()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

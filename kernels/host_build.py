@@ -1,0 +1,158 @@
+"""Builds and loads the host (CPU) FFI kernels: `host_moe` and `host_attention`.
+
+Their C++ sources (`host_blas.cc`, `host_moe.cc`, `host_attention.cc`, with `host_blas.h`) are compiled on
+first use, with the system C++ compiler against the FFI headers that jaxlib ships, into one shared library
+in a cache directory (`DEEPSEEK_JAX_CACHE`, default `~/.cache/deepseek_jax`), keyed by the sources,
+jaxlib's version, the compiler and its flags, and installed by an atomic rename (concurrent builders, such
+as test workers, are safe). The library then loads numpy's bundled ILP64 OpenBLAS, whose `sgemm` the
+kernels call single-threaded from XLA's intra-op threads, and its FFI targets are registered for the CPU
+platform. Without a compiler or that OpenBLAS, `unavailable_reason()` says why and the callers keep
+XLA's own lowerings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = ("host_blas.cc", "host_moe.cc", "host_attention.cc")
+_HEADERS = ("host_blas.h",)
+# The FFI handlers the library exports, registered under their own names.
+TARGETS = ("dsj_host_moe_ffn_fwd", "dsj_host_moe_ffn_bwd", "dsj_host_attention_fwd",
+           "dsj_host_attention_bwd")
+# (library glob under numpy's wheel, sgemm symbol, thread-local thread-count setter): ILP64 OpenBLAS builds.
+_BLAS_CANDIDATES = (
+    ("numpy.libs/libscipy_openblas64_*.so*", "scipy_cblas_sgemm64_", "openblas_set_num_threads_local"),
+    ("numpy/.dylibs/libscipy_openblas64_*.dylib", "scipy_cblas_sgemm64_", "openblas_set_num_threads_local"),
+    ("numpy.libs/libopenblas64_*.so*", "cblas_sgemm64_", "openblas_set_num_threads_local"),
+)
+_FLAGS = ("-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cache_dir() -> str:
+  return os.environ.get("DEEPSEEK_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                              "deepseek_jax")
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build(compiler: str) -> str:
+  """Compiles the sources (once per sources / jaxlib / compiler / flags); returns the library's path."""
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  flags = [*_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_DIR}"]
+  parts = [jaxlib.__version__.encode(), compiler.encode(), *(f.encode() for f in flags)]
+  for name in _SOURCES + _HEADERS:
+    with open(os.path.join(_DIR, name), "rb") as f:
+      parts += [name.encode(), f.read()]
+  key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+  out_dir = _cache_dir()
+  path = os.path.join(out_dir, f"host_kernels-{key}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(out_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [compiler, *flags, *(os.path.join(_DIR, s) for s in _SOURCES), "-o", tmp, "-ldl"]
+  try:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    os.replace(tmp, path)   # atomic: concurrent builders each install a complete file
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def _find_blas():
+  """(library path, sgemm symbol, thread setter) of numpy's bundled ILP64 OpenBLAS, or None."""
+  site = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+  for pattern, sgemm, threads in _BLAS_CANDIDATES:
+    for lib in sorted(glob.glob(os.path.join(site, pattern))):
+      return lib, sgemm, threads
+  return None
+
+
+def _load() -> str | None:
+  """Builds, loads and registers the kernels; returns None on success, else why they are unavailable."""
+  if sys.platform not in ("linux", "darwin"):
+    return f"unsupported platform {sys.platform}"
+  compiler = _compiler()
+  if compiler is None:
+    return "no C++ compiler (set CXX or install g++)"
+  blas = _find_blas()
+  if blas is None:
+    return "numpy bundles no ILP64 OpenBLAS here"
+  try:
+    lib = ctypes.cdll.LoadLibrary(_build(compiler))
+  except (OSError, subprocess.SubprocessError) as err:
+    detail = getattr(err, "stderr", "") or str(err)
+    return f"building the host kernels failed: {detail.strip()[-500:]}"
+  path, sgemm, threads = blas
+  rc = lib.dsj_host_init(path.encode(), sgemm.encode(), threads.encode())
+  if rc != 0:
+    return f"loading {sgemm} / {threads} from {path} failed ({rc})"
+  for target in TARGETS:
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+  _state["lib"] = lib
+  return None
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernels are built and registered (building them on the first call), else the reason."""
+  with _lock:
+    if "reason" not in _state:
+      _state["reason"] = _load()
+    return _state["reason"]
+
+
+def available() -> bool:
+  """Whether the host kernels can run here (a CPU backend, a C++ compiler, numpy's ILP64 OpenBLAS)."""
+  if jax.default_backend() != "cpu":
+    return False
+  return unavailable_reason() is None
+
+
+def require(what: str) -> None:
+  """Raises RuntimeError naming `what` when the kernels are unavailable."""
+  reason = unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"{what} is unavailable: {reason}")
+
+
+def warn_if_unavailable(what: str, fallback: str) -> None:
+  """Warns once per `what`, with the reason, when the kernels cannot be used and `fallback` runs instead."""
+  reason = unavailable_reason()
+  warned = _state.setdefault("warned", set())
+  if reason is not None and what not in warned:
+    warned.add(what)
+    warnings.warn(f"{what} unavailable ({reason}); {fallback}", RuntimeWarning, stacklevel=3)
+
+
+def usable_for(*dtypes, what: str, fallback: str) -> bool:
+  """Whether a CPU default may run operands of these dtypes in the host kernel `what`: all float32, one
+  device (the custom calls are opaque to the SPMD partitioner), the CPU backend, and the kernels built
+  (otherwise a warning, once, names the reason and the `fallback` that runs instead)."""
+  if any(jnp.dtype(t) != jnp.float32 for t in dtypes) or jax.device_count() != 1:
+    return False
+  if jax.default_backend() != "cpu":
+    return False
+  if unavailable_reason() is not None:
+    warn_if_unavailable(what, fallback)
+    return False
+  return True
