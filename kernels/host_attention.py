@@ -40,32 +40,31 @@ def available() -> bool:
   return host_build.available()
 
 
-def _forward_call(q_nope, q_pe, k_nope, k_pe, v, scale, block):
-  b, s, h, _ = q_nope.shape
-  out = (jax.ShapeDtypeStruct(v.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
-  return jax.ffi.ffi_call(_FWD, out)(q_nope, q_pe, k_nope, k_pe, v, scale=np.float32(scale),
-                                     block=np.int64(block))
+def _forward_call(q_nope, q_pe, kv, k_pe, scale, block):
+  b, s, h, n = q_nope.shape
+  out = (jax.ShapeDtypeStruct((b, s, h, kv.shape[3] - n), jnp.float32),
+         jax.ShapeDtypeStruct((b, h, s), jnp.float32))
+  return jax.ffi.ffi_call(_FWD, out)(q_nope, q_pe, kv, k_pe, scale=np.float32(scale), block=np.int64(block))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q_nope, q_pe, k_nope, k_pe, v, scale, block):
-  return _forward_call(q_nope, q_pe, k_nope, k_pe, v, scale, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q_nope, q_pe, kv, k_pe, scale, block):
+  return _forward_call(q_nope, q_pe, kv, k_pe, scale, block)[0]
 
 
-def _attention_fwd(q_nope, q_pe, k_nope, k_pe, v, scale, block):
-  out, lse = _forward_call(q_nope, q_pe, k_nope, k_pe, v, scale, block)
-  return out, (q_nope, q_pe, k_nope, k_pe, v, out, lse)
+def _attention_fwd(q_nope, q_pe, kv, k_pe, scale, block):
+  out, lse = _forward_call(q_nope, q_pe, kv, k_pe, scale, block)
+  return out, (q_nope, q_pe, kv, k_pe, out, lse)
 
 
 def _attention_bwd(scale, block, res, d_out):
-  q_nope, q_pe, k_nope, k_pe, v, out, lse = res
-  b, s, h, r = q_pe.shape
-  shapes = (q_nope.shape, q_pe.shape, k_nope.shape, (b, s, h, r), v.shape)
-  dqn, dqp, dkn, dkp_heads, dv = jax.ffi.ffi_call(
+  q_nope, q_pe, kv, k_pe, out, lse = res
+  shapes = (q_nope.shape, q_pe.shape, kv.shape, q_pe.shape)
+  dqn, dqp, dkv, dkp_heads = jax.ffi.ffi_call(
       _BWD, tuple(jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes))(
-          q_nope, q_pe, k_nope, k_pe, v, out, lse, d_out.astype(jnp.float32), scale=np.float32(scale),
+          q_nope, q_pe, kv, k_pe, out, lse, d_out.astype(jnp.float32), scale=np.float32(scale),
           block=np.int64(block))
-  return dqn, dqp, dkn, dkp_heads.sum(2), dv
+  return dqn, dqp, dkv, dkp_heads.sum(2)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -103,7 +102,10 @@ def mla_causal_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, block: 
     raise ValueError(f"mla_causal_attention: scale must be > 0, got {scale}")
   if int(block) < 1:
     raise ValueError(f"mla_causal_attention: block must be >= 1, got {block}")
-  return _attention(q_nope, q_pe, k_nope, k_pe, v, float(scale), int(block))
+  # One [k_nope | v] operand, read in place by the kernel: where k_nope and v are the two halves of one
+  # projection (MLA's kv_b_proj), XLA folds this concatenation of its slices back into that output.
+  kv = jnp.concatenate([k_nope, v], axis=-1)
+  return _attention(q_nope, q_pe, kv, k_pe, float(scale), int(block))
 
 
 def reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float):

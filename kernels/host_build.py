@@ -1,8 +1,8 @@
 """Builds and loads the host (CPU) FFI kernels: `host_moe` and `host_attention`.
 
-Their C++ sources (`host_blas.cc`, `host_moe.cc`, `host_attention.cc`, with `host_blas.h`) are compiled on
-first use, with the system C++ compiler against the FFI headers that jaxlib ships, into one shared library
-in a cache directory (`DEEPSEEK_JAX_CACHE`, default `~/.cache/deepseek_jax`), keyed by the sources,
+Their C++ sources (`host_blas.cc`, `host_moe.cc`, `host_attention.cc`, with `host_blas.h`) are compiled
+on first use, with the system C++ compiler against the FFI headers that jaxlib ships, into one shared
+library in a cache directory (`DEEPSEEK_JAX_CACHE`, default `~/.cache/deepseek_jax`), keyed by the sources,
 jaxlib's version, the compiler and its flags, and installed by an atomic rename (concurrent builders, such
 as test workers, are safe). The library then loads numpy's bundled ILP64 OpenBLAS, whose `sgemm` the
 kernels call single-threaded from XLA's intra-op threads, and its FFI targets are registered for the CPU

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from deepseek_jax import DeepSeekV3
 from deepseek_jax.analysis.flops import train_flops_per_token
 from deepseek_jax.analysis.hardware import gpu_for_device
-from deepseek_jax.ops import moe_dispatch
+from deepseek_jax.ops import attention, moe_dispatch
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
@@ -146,7 +146,9 @@ def run(flags) -> dict:
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
             "ours": rates("ours", compile_s=compile_s["ours"], moe_impl=cfg.moe_impl,
                           moe_impl_resolved=moe_dispatch.resolved_impl(cfg.moe_impl, cfg.dtype),
-                          attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
+                          attention_impl=cfg.attention_impl,
+                          attention_impl_resolved=attention.resolved_impl(cfg.attention_impl, cfg.dtype),
+                          remat_policy=cfg.remat_policy,
                           dtype=cfg.dtype)}
   if datasheet:
     result["datasheet_peak_flops"] = datasheet
