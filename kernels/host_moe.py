@@ -44,31 +44,33 @@ def available() -> bool:
   return host_build.available()
 
 
-def _forward_call(x, idx, w_gate, w_up, w_down, tile):
-  """(y [T*K, D] in flat assignment order, gu [T*K, 2F] in sorted order)."""
+def _forward_call(x, idx, weights, w_gate, w_up, w_down, tile):
+  """(out [T, D], gu [T*K, 2F] in sorted order)."""
   rows, k, f = idx.size, idx.shape[1], w_gate.shape[2]
-  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((rows, x.shape[1]), (rows, 2 * f)))
-  return jax.ffi.ffi_call(_FWD, out)(x, idx, w_gate, w_up, w_down, k=np.int64(k), tile=np.int64(tile))
+  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in (x.shape, (rows, 2 * f)))
+  return jax.ffi.ffi_call(_FWD, out)(x, idx, weights, w_gate, w_up, w_down, k=np.int64(k),
+                                     tile=np.int64(tile))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _ffn(x, idx, w_gate, w_up, w_down, tile):
-  """[T*K, D]: each flat (token, slot) assignment through its expert (0 for ids outside [0, E))."""
-  return _forward_call(x, idx, w_gate, w_up, w_down, tile)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ffn(x, idx, weights, w_gate, w_up, w_down, tile):
+  """[T, D]: sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) (0 for ids outside [0, E))."""
+  return _forward_call(x, idx, weights, w_gate, w_up, w_down, tile)[0]
 
 
-def _ffn_fwd(x, idx, w_gate, w_up, w_down, tile):
-  y, gu = _forward_call(x, idx, w_gate, w_up, w_down, tile)
-  return y, (x, idx, w_gate, w_up, w_down, gu)
+def _ffn_fwd(x, idx, weights, w_gate, w_up, w_down, tile):
+  out, gu = _forward_call(x, idx, weights, w_gate, w_up, w_down, tile)
+  return out, (x, idx, weights, w_gate, w_up, w_down, gu)
 
 
-def _ffn_bwd(tile, res, dy):
-  x, idx, w_gate, w_up, w_down, gu = res
-  (t, k), d = idx.shape, x.shape[1]
-  out = tuple(jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in (dy, w_gate, w_up, w_down))
-  dx, dwg, dwu, dwd = jax.ffi.ffi_call(_BWD, out)(x, idx, w_gate, w_up, w_down, gu, dy, k=np.int64(k),
-                                                  tile=np.int64(tile))
-  return dx.reshape(t, k, d).sum(1), None, dwg, dwu, dwd
+def _ffn_bwd(tile, res, dout):
+  x, idx, weights, w_gate, w_up, w_down, gu = res
+  k = idx.shape[1]
+  out = tuple(jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in (x, weights, w_gate, w_up, w_down))
+  dx, dweights, dwg, dwu, dwd = jax.ffi.ffi_call(_BWD, out)(
+      x, idx, weights, w_gate, w_up, w_down, gu, dout.astype(jnp.float32), k=np.int64(k),
+      tile=np.int64(tile))
+  return dx, None, dweights, dwg, dwu, dwd
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
@@ -99,9 +101,9 @@ def host_experts(x, idx, weights, w_gate, w_up, w_down, *, tile: int = TILE):
                      f"{w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} do not match")
   if int(tile) < 1:
     raise ValueError(f"host_experts: tile must be >= 1, got {tile}")
-  t, k = idx.shape
-  y = _ffn(x, jax.lax.stop_gradient(idx).astype(jnp.int32), w_gate, w_up, w_down, int(tile)).reshape(t, k, d)
-  return jnp.einsum("TKD,TK->TD", y, weights.astype(y.dtype))
+  out = _ffn(x, jax.lax.stop_gradient(idx).astype(jnp.int32), weights.astype(jnp.float32), w_gate, w_up,
+             w_down, int(tile))
+  return out.astype(jnp.result_type(x, weights))
 
 
 def reference(x, idx, weights, w_gate, w_up, w_down):
