@@ -2,6 +2,7 @@
 
 from deepseek_jax import analysis
 from deepseek_jax import data
+from deepseek_jax import host_memory
 from deepseek_jax import inference
 from deepseek_jax import interop
 from deepseek_jax import sharding
@@ -10,4 +11,5 @@ from deepseek_jax.inference import generate
 from deepseek_jax.model import DeepSeekV3, ModelOutput, init_cache, layer_runs, to_layer_layout
 
 __all__ = ["ModelConfig", "RopeScaling", "DeepSeekV3", "ModelOutput", "init_cache", "layer_runs",
-           "to_layer_layout", "generate", "analysis", "data", "inference", "interop", "sharding"]
+           "to_layer_layout", "generate", "analysis", "data", "host_memory", "inference", "interop",
+           "sharding"]

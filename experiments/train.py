@@ -31,13 +31,18 @@ _COORDINATOR = flags.DEFINE_string(
     "from SLURM / Open MPI / env COORDINATOR_ADDRESS)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (default: detected)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "rank of this process (default: detected)")
+_RETAIN = flags.DEFINE_bool("retain_freed_memory", True,
+                            "keep freed host memory for reuse (glibc; deepseek_jax.host_memory): XLA:CPU's "
+                            "per-step buffers are then not page-faulted in anew every step")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  from deepseek_jax import distributed  # pylint: disable=g-import-not-at-top
+  from deepseek_jax import distributed, host_memory  # pylint: disable=g-import-not-at-top
+  if _RETAIN.value:   # before JAX starts its backend and threads
+    host_memory.retain_freed_memory()
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None:
     try:  # before anything touches a device
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
