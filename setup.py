@@ -38,5 +38,7 @@ setup(
         "notebooks": ["jupyter", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10",
                       "ipykernel>=6.29"],
         "parity": ["torch==2.13.0", "transformers==5.24.0"],
+        # MKL's static libraries, linked into the host (CPU) kernels where present (kernels.host_build).
+        "cpu": ["mkl-static>=2024; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
 )

@@ -1,7 +1,8 @@
 // Shared by the host (CPU) FFI kernels: the BLAS they call, the thread pool loop, scratch buffers.
 //
-// The BLAS is numpy's bundled ILP64 OpenBLAS, loaded once by dsj_host_init (host_blas.cc) and called
-// single-threaded from XLA's intra-op pool threads.
+// The BLAS is MKL, linked in statically where the build finds its libraries (kernels/host_build.py), else
+// numpy's bundled ILP64 OpenBLAS, loaded by dsj_host_init (host_blas.cc); either is called single-threaded
+// from XLA's intra-op pool threads.
 #ifndef DEEPSEEK_JAX_KERNELS_HOST_BLAS_H_
 #define DEEPSEEK_JAX_KERNELS_HOST_BLAS_H_
 
@@ -18,7 +19,7 @@ namespace dsj {
 
 namespace ffi = xla::ffi;
 
-// cblas_sgemm of an ILP64 OpenBLAS (64-bit integer arguments).
+// cblas_sgemm of an ILP64 BLAS (64-bit integer arguments).
 using SgemmFn = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
                          const float*, int64_t, float, float*, int64_t);
 using SetThreadsFn = int (*)(int);

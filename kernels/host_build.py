@@ -4,10 +4,12 @@ Their C++ sources (`host_blas.cc`, `host_moe.cc`, `host_attention.cc`, with `hos
 on first use, with the system C++ compiler against the FFI headers that jaxlib ships, into one shared
 library in a cache directory (`DEEPSEEK_JAX_CACHE`, default `~/.cache/deepseek_jax`), keyed by the sources,
 jaxlib's version, the compiler and its flags, and installed by an atomic rename (concurrent builders, such
-as test workers, are safe). The library then loads numpy's bundled ILP64 OpenBLAS, whose `sgemm` the
-kernels call single-threaded from XLA's intra-op threads, and its FFI targets are registered for the CPU
-platform. Without a compiler or that OpenBLAS, `unavailable_reason()` says why and the callers keep
-XLA's own lowerings.
+as test workers, are safe). The kernels call `sgemm` single-threaded from XLA's intra-op threads: MKL's,
+linked in statically where its static libraries are installed (`pip install -e '.[cpu]'`, the `mkl-static`
+wheel; its symbols stay local to the library, so a PyTorch in the same process keeps its own MKL), else
+that of numpy's bundled ILP64 OpenBLAS, loaded at run time (`DEEPSEEK_JAX_HOST_BLAS=openblas` forces it).
+`blas()` says which. The FFI targets are registered for the CPU platform. Without a compiler or a BLAS,
+`unavailable_reason()` says why and the callers keep XLA's own lowerings.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ _BLAS_CANDIDATES = (
     ("numpy.libs/libopenblas64_*.so*", "cblas_sgemm64_", "openblas_set_num_threads_local"),
 )
 _FLAGS = ("-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
+# MKL's static libraries (the `mkl-static` wheel installs them into the environment's lib/): linked in where
+# present, with their symbols kept local to the kernels' library. MKL runs the kernels' small products
+# 1.1-1.4x faster than OpenBLAS on AVX-512 machines.
+_MKL_STATIC = ("libmkl_intel_ilp64.a", "libmkl_sequential.a", "libmkl_core.a")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -53,11 +59,23 @@ def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+def _static_mkl() -> list[str] | None:
+  """The link arguments of MKL's static libraries where they are installed (and not skipped), else None."""
+  if os.environ.get("DEEPSEEK_JAX_HOST_BLAS", "").lower() == "openblas" or sys.platform != "linux":
+    return None
+  libs = [os.path.join(sys.prefix, "lib", name) for name in _MKL_STATIC]
+  if not all(os.path.exists(lib) for lib in libs):
+    return None
+  return ["-Wl,--start-group", *libs, "-Wl,--end-group", "-Wl,--exclude-libs,ALL", "-lpthread", "-lm"]
+
+
 def _build(compiler: str) -> str:
   """Compiles the sources (once per sources / jaxlib / compiler / flags); returns the library's path."""
   import jaxlib  # pylint: disable=g-import-not-at-top
-  flags = [*_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_DIR}"]
-  parts = [jaxlib.__version__.encode(), compiler.encode(), *(f.encode() for f in flags)]
+  mkl = _static_mkl()
+  flags = [*_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_DIR}", *(["-DDSJ_STATIC_MKL"] if mkl else [])]
+  link = [*(mkl or []), "-ldl"]
+  parts = [jaxlib.__version__.encode(), compiler.encode(), *(f.encode() for f in flags + link)]
   for name in _SOURCES + _HEADERS:
     with open(os.path.join(_DIR, name), "rb") as f:
       parts += [name.encode(), f.read()]
@@ -69,7 +87,7 @@ def _build(compiler: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
-  cmd = [compiler, *flags, *(os.path.join(_DIR, s) for s in _SOURCES), "-o", tmp, "-ldl"]
+  cmd = [compiler, *flags, *(os.path.join(_DIR, s) for s in _SOURCES), "-o", tmp, *link]
   try:
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     os.replace(tmp, path)   # atomic: concurrent builders each install a complete file
@@ -95,14 +113,17 @@ def _load() -> str | None:
   compiler = _compiler()
   if compiler is None:
     return "no C++ compiler (set CXX or install g++)"
-  blas = _find_blas()
-  if blas is None:
-    return "numpy bundles no ILP64 OpenBLAS here"
   try:
     lib = ctypes.cdll.LoadLibrary(_build(compiler))
   except (OSError, subprocess.SubprocessError) as err:
     detail = getattr(err, "stderr", "") or str(err)
     return f"building the host kernels failed: {detail.strip()[-500:]}"
+  if lib.dsj_host_static_blas():
+    blas = ("MKL (static)", "cblas_sgemm", "MKL_Set_Num_Threads_Local")
+  else:
+    blas = _find_blas()
+    if blas is None:
+      return "numpy bundles no ILP64 OpenBLAS here"
   path, sgemm, threads = blas
   rc = lib.dsj_host_init(path.encode(), sgemm.encode(), threads.encode())
   if rc != 0:
@@ -110,7 +131,13 @@ def _load() -> str | None:
   for target in TARGETS:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
   _state["lib"] = lib
+  _state["blas"] = path
   return None
+
+
+def blas() -> str | None:
+  """The BLAS the host kernels call: 'MKL (static)' or the path of numpy's OpenBLAS; None if unavailable."""
+  return _state.get("blas") if unavailable_reason() is None else None
 
 
 def unavailable_reason() -> str | None:

@@ -1,0 +1,67 @@
+"""kernels.host_build: which BLAS the host kernels link or load, and that either one computes the same."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kernels import host_build
+
+_BUILDABLE = shutil.which("c++") or shutil.which("g++")
+needs_kernel = pytest.mark.skipif(not host_build.available() and not _BUILDABLE,
+                                  reason=f"host kernels unavailable: {host_build.unavailable_reason()}")
+
+
+@needs_kernel
+def test_the_blas_is_mkl_where_its_static_libraries_are_installed():
+  assert host_build.unavailable_reason() is None
+  if host_build._static_mkl() is not None:   # pylint: disable=protected-access
+    assert host_build.blas() == "MKL (static)"
+    # MKL's symbols stay local to the library: nothing for another MKL in the process (PyTorch's) to meet.
+    lib = host_build._state["lib"]           # pylint: disable=protected-access
+    for symbol in ("cblas_sgemm", "MKL_Set_Num_Threads_Local", "mkl_serv_malloc"):
+      with pytest.raises(AttributeError):
+        getattr(lib, symbol)
+  else:
+    assert "openblas" in os.path.basename(host_build.blas())
+
+
+_PROBE = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from kernels import host_build, host_moe, host_attention
+    ks = jax.random.split(jax.random.PRNGKey(0), 8)
+    t, e, k, d, f = 96, 6, 2, 32, 16
+    x = jax.random.normal(ks[0], (t, d))
+    w, idx = jax.lax.top_k(jax.nn.sigmoid(jax.random.normal(ks[1], (t, e))), k)
+    ws = [jax.random.normal(kk, s) * 0.1 for kk, s in zip(ks[2:5], [(e, d, f), (e, d, f), (e, f, d)])]
+    got = jax.jit(host_moe.host_experts)(x, idx, w, *ws)
+    want = host_moe.reference(x, idx, w, *ws)
+    moe_err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    b, s, h = 2, 80, 3
+    q_nope, q_pe, k_nope, v = (jax.random.normal(kk, (b, s, h, n)) for kk, n in zip(ks[4:8], (16, 8, 16, 12)))
+    k_pe = jax.random.normal(ks[7], (b, s, 8))
+    args = (q_nope, q_pe, k_nope, k_pe, v)
+    got = jax.jit(lambda *a: host_attention.mla_causal_attention(*a, scale=0.2))(*args)
+    want = host_attention.reference(*args, scale=0.2)
+    attn_err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    print(host_build.blas(), moe_err, attn_err)
+""")
+
+
+@needs_kernel
+@pytest.mark.parametrize("blas", ["default", "openblas"])
+def test_each_blas_builds_and_matches_the_references(blas, tmp_path):
+  env = dict(os.environ, DEEPSEEK_JAX_CACHE=str(tmp_path))
+  if blas == "openblas":
+    env["DEEPSEEK_JAX_HOST_BLAS"] = "openblas"
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=root)
+  assert out.returncode == 0, out.stderr[-3000:]
+  name, moe_err, attn_err = out.stdout.split()[-3:]
+  if blas == "openblas":
+    assert "openblas" in name
+  assert float(moe_err) < 1e-5 and float(attn_err) < 1e-5, out.stdout
