@@ -86,20 +86,24 @@ DSJ_VECTOR_CLONES void ProbabilitiesFromLse(float* __restrict s, const float* __
     float* __restrict row = s + i * keys;
     const int64_t visible = a + i + 1;
     const float l = lse[i];
-    for (int64_t j = 0; j < visible; ++j) row[j] = std::exp(row[j] * scale - l);
+    // Scaled in a pass of its own, as SoftmaxRows does: a fused multiply-add of the scale and the lse
+    // would skip the rounding of the scaled logit, and the row's largest p would miss 1.
+    for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
+    for (int64_t j = 0; j < visible; ++j) row[j] = std::exp(row[j] - l);
     for (int64_t j = visible; j < keys; ++j) row[j] = 0.f;
   }
 }
 
-// dp [rows, keys] becomes the logits' gradient scale * p * (dp - delta_i), delta_i = <dout_i, out_i>.
-DSJ_VECTOR_CLONES void LogitGradient(const float* __restrict p, float* __restrict dp,
-                                     const float* __restrict dout, const float* __restrict out,
-                                     int64_t stride, int64_t rows, int64_t keys, int64_t v, float scale) {
+// dp [rows, keys] becomes the logits' gradient scale * p * (dp - delta_i), with delta_i = sum_j p_ij dp_ij
+// (= <dout_i, out_i>), taken from the same dp so that a row whose softmax is constant (one visible key)
+// gets exactly zero, whatever order the BLAS summed dp in.
+DSJ_VECTOR_CLONES void LogitGradient(const float* __restrict p, float* __restrict dp, int64_t rows,
+                                     int64_t keys, float scale) {
   for (int64_t i = 0; i < rows; ++i) {
-    float delta = 0.f;
-    for (int64_t c = 0; c < v; ++c) delta += dout[i * stride + c] * out[i * stride + c];
     const float* __restrict pr = p + i * keys;
     float* __restrict dr = dp + i * keys;
+    float delta = 0.f;
+    for (int64_t j = 0; j < keys; ++j) delta += pr[j] * dr[j];
     for (int64_t j = 0; j < keys; ++j) dr[j] = scale * pr[j] * (dr[j] - delta);
   }
 }
@@ -138,15 +142,15 @@ static ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
 // part of dk_pe, [B,S,H,R] (the caller sums over H).
 static ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nope,
                                     ffi::Buffer<ffi::F32> q_pe, ffi::Buffer<ffi::F32> kv,
-                                    ffi::Buffer<ffi::F32> k_pe, ffi::Buffer<ffi::F32> out,
-                                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                                    ffi::Buffer<ffi::F32> k_pe, ffi::Buffer<ffi::F32> lse,
+                                    ffi::Buffer<ffi::F32> dout,
                                     ffi::ResultBuffer<ffi::F32> dq_nope, ffi::ResultBuffer<ffi::F32> dq_pe,
                                     ffi::ResultBuffer<ffi::F32> dkv, ffi::ResultBuffer<ffi::F32> dk_pe_heads,
                                     float scale, int64_t block) {
   if (ffi::Error err = dsj::CheckReady(); err.failure()) return err;
   const Dims d = DimsOf(q_nope, q_pe, kv, block);
   const float *QN = q_nope.typed_data(), *QP = q_pe.typed_data(), *KV = kv.typed_data();
-  const float *KP = k_pe.typed_data(), *O = out.typed_data();
+  const float* KP = k_pe.typed_data();
   const float *L = lse.typed_data(), *DO = dout.typed_data();
   float *DQN = dq_nope->typed_data(), *DQP = dq_pe->typed_data(), *DKV = dkv->typed_data();
   float* DKP = dk_pe_heads->typed_data();
@@ -166,7 +170,7 @@ static ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
       Gemm(false, true, rows, keys, d.dq, q + a * d.dq, d.dq, k, d.dq, 0.f, p, keys);
       ProbabilitiesFromLse(p, L + (b * d.h + h) * d.s + a, rows, keys, a, scale);
       Gemm(false, true, rows, keys, d.v, DO + oo + a * os, os, KV + ko, ks, 0.f, dp, keys);
-      LogitGradient(p, dp, DO + oo + a * os, O + oo + a * os, os, rows, keys, d.v, scale);
+      LogitGradient(p, dp, rows, keys, scale);
       Gemm(false, false, rows, d.dq, keys, dp, keys, k, d.dq, 0.f, dq + a * d.dq, d.dq);
       Gemm(true, false, keys, d.dq, rows, dp, keys, q + a * d.dq, d.dq, beta, dk, d.dq);
       Gemm(true, false, keys, d.v, rows, p, keys, DO + oo + a * os, os, beta, DKV + ko, ks);
@@ -201,7 +205,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsj_host_attention_bwd, AttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q_pe
                                   .Arg<ffi::Buffer<ffi::F32>>()   // kv
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k_pe
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dout [B, S, H, V]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq_nope

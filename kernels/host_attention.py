@@ -54,15 +54,15 @@ def _attention(q_nope, q_pe, kv, k_pe, scale, block):
 
 def _attention_fwd(q_nope, q_pe, kv, k_pe, scale, block):
   out, lse = _forward_call(q_nope, q_pe, kv, k_pe, scale, block)
-  return out, (q_nope, q_pe, kv, k_pe, out, lse)
+  return out, (q_nope, q_pe, kv, k_pe, lse)
 
 
 def _attention_bwd(scale, block, res, d_out):
-  q_nope, q_pe, kv, k_pe, out, lse = res
+  q_nope, q_pe, kv, k_pe, lse = res
   shapes = (q_nope.shape, q_pe.shape, kv.shape, q_pe.shape)
   dqn, dqp, dkv, dkp_heads = jax.ffi.ffi_call(
       _BWD, tuple(jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes))(
-          q_nope, q_pe, kv, k_pe, out, lse, d_out.astype(jnp.float32), scale=np.float32(scale),
+          q_nope, q_pe, kv, k_pe, lse, d_out.astype(jnp.float32), scale=np.float32(scale),
           block=np.int64(block))
   return dqn, dqp, dkv, dkp_heads.sum(2)
 
