@@ -32,7 +32,7 @@ extern "C" int dsj_host_init(const char* library, const char* sgemm, const char*
   dsj::g_sgemm = &cblas_sgemm;
   dsj::g_set_threads_local = &MKL_Set_Num_Threads_Local;
   return 0;
-#endif
+#else
   void* handle = dlopen(library, RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) return 1;
   auto gemm = reinterpret_cast<dsj::SgemmFn>(dlsym(handle, sgemm));
@@ -41,4 +41,5 @@ extern "C" int dsj_host_init(const char* library, const char* sgemm, const char*
   dsj::g_sgemm = gemm;
   dsj::g_set_threads_local = threads;
   return 0;
+#endif
 }

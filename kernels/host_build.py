@@ -149,7 +149,7 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-  """Whether the host kernels can run here (a CPU backend, a C++ compiler, numpy's ILP64 OpenBLAS)."""
+  """Whether the host kernels can run here (a CPU backend, a C++ compiler, MKL or numpy's ILP64 OpenBLAS)."""
   if jax.default_backend() != "cpu":
     return False
   return unavailable_reason() is None

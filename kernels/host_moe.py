@@ -2,7 +2,7 @@
 
 XLA:CPU runs the many small per-expert products of a dropless MoE layer at about half the rate of one flat
 matmul, whether as batched matmuls over padded blocks or as `ragged_dot`. Here the same work goes to
-single-threaded BLAS `sgemm` calls (numpy's bundled OpenBLAS), one per (expert, tile of at most `TILE`
+single-threaded BLAS `sgemm` calls (MKL or numpy's bundled OpenBLAS: `host_build.blas()`), one per (expert, tile of at most `TILE`
 rows), spread over XLA's intra-op thread pool:
 
   1. the T*K (token, slot) assignments are sorted by expert in the kernel (a stable counting sort);
@@ -40,7 +40,7 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-  """Whether `host_experts` can run here (a CPU backend, a C++ compiler, numpy's ILP64 OpenBLAS)."""
+  """Whether `host_experts` can run here (a CPU backend, a C++ compiler, an ILP64 BLAS)."""
   return host_build.available()
 
 
