@@ -2,8 +2,8 @@
 
 XLA:CPU runs the many small per-expert products of a dropless MoE layer at about half the rate of one flat
 matmul, whether as batched matmuls over padded blocks or as `ragged_dot`. Here the same work goes to
-single-threaded BLAS `sgemm` calls (MKL or numpy's bundled OpenBLAS: `host_build.blas()`), one per (expert, tile of at most `TILE`
-rows), spread over XLA's intra-op thread pool:
+single-threaded BLAS `sgemm` calls (MKL or numpy's bundled OpenBLAS: `host_build.blas()`), one per
+(expert, tile of at most `TILE` rows), spread over XLA's intra-op thread pool:
 
   1. the T*K (token, slot) assignments are sorted by expert in the kernel (a stable counting sort);
   2. forward, per tile: gather the tile's token rows, gu = [x Wg | x Wu], h = silu(g) * u, y = h Wd, and

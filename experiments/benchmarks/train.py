@@ -33,6 +33,7 @@ from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
 from experiments.benchmarks import ablation, maxtext_step
 from experiments.benchmarks.common import bench_config, interleaved, machine, matmul_peak
+from kernels import host_build
 
 
 def _ours(cfg, batch, seq_len):
@@ -148,6 +149,7 @@ def run(flags) -> dict:
                           moe_impl_resolved=moe_dispatch.resolved_impl(cfg.moe_impl, cfg.dtype),
                           attention_impl=cfg.attention_impl,
                           attention_impl_resolved=attention.resolved_impl(cfg.attention_impl, cfg.dtype),
+                          host_blas=host_build.blas() if jax.default_backend() == "cpu" else None,
                           remat_policy=cfg.remat_policy,
                           dtype=cfg.dtype)}
   if datasheet:
