@@ -17,12 +17,14 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 IMPLS = ("auto", "xla", "host", "pallas")
 MOE_IMPLS = ("auto", "dense", "host", "blocked", "xla", "pallas")
+MATMUL_IMPLS = ("auto", "xla", "host")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp8")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields of ModelConfig that are implementation choices, not part of an HF config.json.
 NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
-                           "attention_impl", "moe_impl", "remat_policy", "scan_layers"})
+                           "attention_impl", "moe_impl", "matmul_impl",
+                           "remat_policy", "scan_layers"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,10 @@ class ModelConfig:
                                           # in an FFI call, CPU float32; kernels.host_moe) | blocked (sort,
                                           # pad groups to blocks, batched matmul) | xla (sort +
                                           # jax.lax.ragged_dot) | pallas (sort + gmm)
+  matmul_impl: str = "auto"               # the projections' matmuls: auto (host on CPU for float32 on one
+                                          # device, else xla) | xla (jnp.dot) | host (the product and its
+                                          # VJP's two products as BLAS calls in an FFI call, CPU float32;
+                                          # kernels.host_matmul). FP8-recipe layers use the FP8 GEMM.
   remat_policy: str = "none"              # activation checkpointing of each block (jax.checkpoint policy)
   scan_layers: bool = False               # each run of identical blocks as one nn.scan: parameters stacked
                                           # [layers, ...] under 'layers_{a}_to_{b}' (model.layer_runs), one
@@ -216,6 +222,7 @@ class ModelConfig:
                        "tile) for precision='fp8' with fp8_weights=True")
     for name, allowed in [("dtype", DTYPES), ("param_dtype", DTYPES), ("precision", PRECISIONS),
                           ("attention_impl", IMPLS), ("moe_impl", MOE_IMPLS),
+                          ("matmul_impl", MATMUL_IMPLS),
                           ("remat_policy", REMAT_POLICIES)]:
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")

@@ -13,6 +13,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace dsj {
@@ -58,6 +62,18 @@ void Parallel(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
   }
   work();
   while (state->done.load() < n) std::this_thread::yield();
+}
+
+// CPUs this process may run on (its affinity mask), at least 1.
+inline int64_t Cpus() {
+  static const int64_t cpus = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<int64_t>(std::max(1, CPU_COUNT(&set)));
+#endif
+    return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return cpus;
 }
 
 // v's storage, grown to at least n floats (kept: reused buffers are not page-faulted in again).

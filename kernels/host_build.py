@@ -1,15 +1,16 @@
-"""Builds and loads the host (CPU) FFI kernels: `host_moe` and `host_attention`.
+"""Builds and loads the host (CPU) FFI kernels: `host_moe`, `host_attention` and `host_matmul`.
 
-Their C++ sources (`host_blas.cc`, `host_moe.cc`, `host_attention.cc`, with `host_blas.h`) are compiled
-on first use, with the system C++ compiler against the FFI headers that jaxlib ships, into one shared
-library in a cache directory (`DEEPSEEK_JAX_CACHE`, default `~/.cache/deepseek_jax`), keyed by the sources,
-jaxlib's version, the compiler and its flags, and installed by an atomic rename (concurrent builders, such
-as test workers, are safe). The kernels call `sgemm` single-threaded from XLA's intra-op threads: MKL's,
-linked in statically where its static libraries are installed (`pip install -e '.[cpu]'`, the `mkl-static`
-wheel; its symbols stay local to the library, so a PyTorch in the same process keeps its own MKL), else
-that of numpy's bundled ILP64 OpenBLAS, loaded at run time (`DEEPSEEK_JAX_HOST_BLAS=openblas` forces it).
-`blas()` says which. The FFI targets are registered for the CPU platform. Without a compiler or a BLAS,
-`unavailable_reason()` says why and the callers keep XLA's own lowerings.
+Their C++ sources (`host_blas.cc`, `host_moe.cc`, `host_attention.cc`, `host_matmul.cc`, with
+`host_blas.h`) are compiled on first use, with the system C++ compiler against the FFI headers that jaxlib
+ships, into one shared library in a cache directory (`DEEPSEEK_JAX_CACHE`, default
+`~/.cache/deepseek_jax`), keyed by the sources, jaxlib's version, the compiler and its flags, and installed
+by an atomic rename (concurrent builders, such as test workers, are safe). The kernels call `sgemm`
+single-threaded from XLA's intra-op threads: on Intel CPUs MKL's, linked in statically where its static
+libraries are installed (`pip install -e '.[cpu]'`, the `mkl-static` wheel; its symbols stay local to the
+library, so a PyTorch in the same process keeps its own MKL), else that of numpy's bundled ILP64 OpenBLAS,
+loaded at run time (on an AMD EPYC MKL ran slower than OpenBLAS); `DEEPSEEK_JAX_HOST_BLAS=mkl` or
+`=openblas` forces the choice. `blas()` says which. The FFI targets are registered for the CPU platform.
+Without a compiler or a BLAS, `unavailable_reason()` says why and the callers keep XLA's own lowerings.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("host_blas.cc", "host_moe.cc", "host_attention.cc")
+_SOURCES = ("host_blas.cc", "host_moe.cc", "host_attention.cc", "host_matmul.cc")
 _HEADERS = ("host_blas.h",)
 # The FFI handlers the library exports, registered under their own names.
 TARGETS = ("dsj_host_moe_ffn_fwd", "dsj_host_moe_ffn_bwd", "dsj_host_attention_fwd",
-           "dsj_host_attention_bwd")
+           "dsj_host_attention_bwd", "dsj_host_matmul")
 # (library glob under numpy's wheel, sgemm symbol, thread-local thread-count setter): ILP64 OpenBLAS builds.
 _BLAS_CANDIDATES = (
     ("numpy.libs/libscipy_openblas64_*.so*", "scipy_cblas_sgemm64_", "openblas_set_num_threads_local"),
@@ -43,8 +44,8 @@ _BLAS_CANDIDATES = (
 )
 _FLAGS = ("-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
 # MKL's static libraries (the `mkl-static` wheel installs them into the environment's lib/): linked in where
-# present, with their symbols kept local to the kernels' library. MKL runs the kernels' small products
-# 1.1-1.4x faster than OpenBLAS on AVX-512 machines.
+# present on an Intel CPU, with their symbols kept local to the kernels' library. MKL runs the kernels' small
+# products 1.1-1.4x faster than OpenBLAS on AVX-512 Xeons.
 _MKL_STATIC = ("libmkl_intel_ilp64.a", "libmkl_sequential.a", "libmkl_core.a")
 _lock = threading.Lock()
 _state: dict = {}
@@ -59,9 +60,32 @@ def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+def _cpu_vendor() -> str:
+  """The CPU's vendor string ('GenuineIntel', 'AuthenticAMD', ...) from /proc/cpuinfo, '' if unknown."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("vendor_id"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
+def _wants_mkl() -> bool:
+  """Whether to link MKL: `DEEPSEEK_JAX_HOST_BLAS` = 'mkl' / 'openblas' decides, else only on Intel CPUs
+  (on an AMD EPYC Zen 4, MKL ran the projections' products at 0.75-0.95x OpenBLAS's rate, and the train
+  step 0.9-0.93x)."""
+  choice = os.environ.get("DEEPSEEK_JAX_HOST_BLAS", "").lower()
+  if choice in ("mkl", "openblas"):
+    return choice == "mkl"
+  return _cpu_vendor() == "GenuineIntel"
+
+
 def _static_mkl() -> list[str] | None:
-  """The link arguments of MKL's static libraries where they are installed (and not skipped), else None."""
-  if os.environ.get("DEEPSEEK_JAX_HOST_BLAS", "").lower() == "openblas" or sys.platform != "linux":
+  """The link arguments of MKL's static libraries where they are installed and wanted (`_wants_mkl`), else
+  None."""
+  if not _wants_mkl() or sys.platform != "linux":
     return None
   libs = [os.path.join(sys.prefix, "lib", name) for name in _MKL_STATIC]
   if not all(os.path.exists(lib) for lib in libs):

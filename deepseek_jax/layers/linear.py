@@ -7,6 +7,7 @@ in the [in..., out...] layout; the HF checkpoint layout [out, in] is a transpose
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import fp8, fp8_weights
+from deepseek_jax.ops import matmul as ops_matmul
 
 
 def dtype_of(name: str):
@@ -82,15 +84,17 @@ class Linear(nn.Module):
     if self.fp8 and self.cfg.precision == "fp8":
       matmul = lambda a, w: fp8.fp8_matmul(a, w.astype(dtype), out_dtype=dtype)
       return contract(x.astype(dtype), w, n_in, matmul=matmul)
-    return contract(x.astype(dtype), w.astype(dtype), n_in)
+    return contract(x.astype(dtype), w.astype(dtype), n_in,
+                    matmul=functools.partial(ops_matmul.matmul, impl=self.cfg.matmul_impl))
 
 
 def contract(x, w, n_in: int, *, matmul=jnp.dot):
   """Contracts the trailing n_in dims of x with the leading n_in dims of w.
 
-  Runs as one 2-D product `matmul([prod(lead), prod(in)], [prod(in), prod(out)])` (default `jnp.dot`; the
-  FP8 GEMMs for the FP8 recipe): with several contracting dims (the weight gradient contracts every leading
-  dim of x) XLA:CPU otherwise copies an operand transposed before each weight-gradient product.
+  Runs as one 2-D product `matmul([prod(lead), prod(in)], [prod(in), prod(out)])` (default `jnp.dot`;
+  `deepseek_jax.ops.matmul` for `cfg.matmul_impl`, the FP8 GEMMs for the FP8 recipe): with several
+  contracting dims (the weight gradient contracts every leading dim of x) XLA:CPU otherwise copies an
+  operand transposed before each weight-gradient product.
   """
   lead, in_shape, out_shape = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
   k = math.prod(in_shape)

@@ -84,9 +84,9 @@ WIDE = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_
 
 
 def _cfg(**kw):
-  # XLA's attention: the products of a host kernel's custom call are invisible to the jaxpr and to XLA's
-  # cost analysis, which these tests count.
-  return ModelConfig.preset("tiny", **{**WIDE, "attention_impl": "xla", **kw})
+  # XLA's attention and matmuls: the products of a host kernel's custom call are invisible to the jaxpr and
+  # to XLA's cost analysis, which these tests count.
+  return ModelConfig.preset("tiny", **{**WIDE, "attention_impl": "xla", "matmul_impl": "xla", **kw})
 
 
 def _programs(cfg):

@@ -31,7 +31,7 @@ def test_the_blas_is_mkl_where_its_static_libraries_are_installed():
 
 _PROBE = textwrap.dedent("""
     import jax, jax.numpy as jnp
-    from kernels import host_build, host_moe, host_attention
+    from kernels import host_build, host_matmul, host_moe, host_attention
     ks = jax.random.split(jax.random.PRNGKey(0), 8)
     t, e, k, d, f = 96, 6, 2, 32, 16
     x = jax.random.normal(ks[0], (t, d))
@@ -47,21 +47,41 @@ _PROBE = textwrap.dedent("""
     got = jax.jit(lambda *a: host_attention.mla_causal_attention(*a, scale=0.2))(*args)
     want = host_attention.reference(*args, scale=0.2)
     attn_err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    print(host_build.blas(), moe_err, attn_err)
+    a, c = jax.random.normal(ks[0], (300, 70)), jax.random.normal(ks[1], (70, 90))
+    want = host_matmul.reference(a, c)
+    mm_err = float(jnp.max(jnp.abs(jax.jit(host_matmul.host_matmul)(a, c) - want)) / jnp.max(jnp.abs(want)))
+    print("|".join(map(str, (host_build.blas(), moe_err, attn_err, mm_err))))
 """)
 
 
 @needs_kernel
-@pytest.mark.parametrize("blas", ["default", "openblas"])
+@pytest.mark.parametrize("blas", ["default", "openblas", "mkl"])
 def test_each_blas_builds_and_matches_the_references(blas, tmp_path):
   env = dict(os.environ, DEEPSEEK_JAX_CACHE=str(tmp_path))
-  if blas == "openblas":
-    env["DEEPSEEK_JAX_HOST_BLAS"] = "openblas"
+  env.pop("DEEPSEEK_JAX_HOST_BLAS", None)
+  if blas != "default":
+    env["DEEPSEEK_JAX_HOST_BLAS"] = blas
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600,
                        env=env, cwd=root)
   assert out.returncode == 0, out.stderr[-3000:]
-  name, moe_err, attn_err = out.stdout.split()[-3:]
-  if blas == "openblas":
+  name, moe_err, attn_err, mm_err = out.stdout.strip().splitlines()[-1].split("|")
+  mkl_installed = all(os.path.exists(os.path.join(sys.prefix, "lib", n)) for n in host_build._MKL_STATIC)  # pylint: disable=protected-access
+  if blas == "openblas" or (blas == "mkl" and not mkl_installed):
     assert "openblas" in name
-  assert float(moe_err) < 1e-5 and float(attn_err) < 1e-5, out.stdout
+  elif blas == "mkl" and sys.platform == "linux":
+    assert name == "MKL (static)"
+  assert float(moe_err) < 1e-5 and float(attn_err) < 1e-5 and float(mm_err) < 1e-5, out.stdout
+
+
+def test_mkl_is_chosen_on_intel_cpus_unless_the_environment_decides(monkeypatch):
+  monkeypatch.delenv("DEEPSEEK_JAX_HOST_BLAS", raising=False)
+  if sys.platform == "linux":
+    assert host_build._cpu_vendor()  # pylint: disable=protected-access
+  for vendor, want in (("GenuineIntel", True), ("AuthenticAMD", False), ("", False)):
+    monkeypatch.setattr(host_build, "_cpu_vendor", lambda v=vendor: v)
+    assert host_build._wants_mkl() is want  # pylint: disable=protected-access
+    for choice in ("mkl", "MKL", "openblas"):
+      monkeypatch.setenv("DEEPSEEK_JAX_HOST_BLAS", choice)
+      assert host_build._wants_mkl() is (choice.lower() == "mkl")  # pylint: disable=protected-access
+    monkeypatch.delenv("DEEPSEEK_JAX_HOST_BLAS")

@@ -1,0 +1,144 @@
+"""kernels.host_matmul: the host BLAS matmul and its VJP against jnp.dot, and the CPU default's choice."""
+
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dsj
+from deepseek_jax.ops import matmul as ops_matmul
+from kernels import host_build, host_matmul
+
+_BUILDABLE = shutil.which("c++") or shutil.which("g++")
+needs_kernel = pytest.mark.skipif(not host_matmul.available() and not _BUILDABLE,
+                                  reason=f"host_matmul unavailable: {host_matmul.unavailable_reason()}")
+
+
+def _operands(m, k, n, seed=0):
+  ka, kb = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.normal(ka, (m, k)), jax.random.normal(kb, (k, n))
+
+
+def _value_and_grads(fn, a, b):
+  r = jax.random.normal(jax.random.PRNGKey(7), (a.shape[0], b.shape[1]))
+  return jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(r * fn(a, b)), argnums=(0, 1)))(a, b)
+
+
+def _close(got, want, tol=2e-6):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+    scale = float(jnp.max(jnp.abs(w))) if w.size else 0.0
+    err = float(jnp.max(jnp.abs(g - w))) if w.size else 0.0
+    assert err <= tol * max(scale, 1e-30), (g.shape, err, scale)
+
+
+@needs_kernel
+def test_kernel_builds_here():
+  assert host_matmul.unavailable_reason() is None
+  assert host_matmul.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [
+    (1, 1, 1),
+    (17, 33, 5),          # ragged, one block (under the serial threshold)
+    (5, 33, 170),         # wider than tall: blocks of columns
+    (300, 129, 61),       # blocks of rows, a ragged last block
+    (37, 700, 333),       # blocks of columns, a ragged last block, long contraction
+    (2048, 256, 512),     # a projection of the train bench: every thread busy, each way
+    (8, 0, 3),            # empty contraction: zeros
+    (0, 8, 3),            # no rows
+])
+def test_product_and_gradients_match_jnp_dot(m, k, n):
+  a, b = _operands(m, k, n)
+  _close(jax.jit(host_matmul.host_matmul)(a, b), host_matmul.reference(a, b))
+  _close(_value_and_grads(host_matmul.host_matmul, a, b), _value_and_grads(host_matmul.reference, a, b))
+
+
+@needs_kernel
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("m,k,n", [(300, 45, 70), (40, 45, 300), (3, 2, 1)])
+def test_every_operand_layout(trans_a, trans_b, m, k, n):
+  # The custom call reads a stored transposed operand in place: all four layouts, split either way.
+  a, b = _operands(m, k, n, seed=1)
+  a_in, b_in = (a.T if trans_a else a), (b.T if trans_b else b)
+  got = jax.jit(lambda x, y: host_matmul._call(x, y, trans_a, trans_b))(a_in, b_in)
+  _close(got, host_matmul.reference(a, b))
+
+
+@needs_kernel
+def test_is_deterministic_and_vmaps():
+  a, b = _operands(512, 96, 384, seed=2)
+  f = jax.jit(host_matmul.host_matmul)
+  np.testing.assert_array_equal(np.asarray(f(a, b)), np.asarray(f(a, b)))
+  batch = jnp.stack([a[:64], 2 * a[64:128]])
+  _close(jax.vmap(host_matmul.host_matmul, in_axes=(0, None))(batch, b),
+         jnp.stack([host_matmul.reference(x, b) for x in batch]))
+
+
+@needs_kernel
+def test_rejects_other_dtypes_ranks_and_shapes():
+  a, b = _operands(4, 6, 3)
+  with pytest.raises(ValueError, match="float32"):
+    host_matmul.host_matmul(a.astype(jnp.bfloat16), b)
+  with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
+    host_matmul.host_matmul(a, b[:5])
+  with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
+    host_matmul.host_matmul(a[None], b)
+  with pytest.raises(ValueError, match="float32"):
+    ops_matmul.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), impl="host")
+  with pytest.raises(ValueError, match="matmul_impl"):
+    ops_matmul.matmul(a, b, impl="pallas")
+  with pytest.raises(ValueError, match="matmul_impl"):
+    dsj.ModelConfig.preset("tiny", matmul_impl="blas")
+
+
+@needs_kernel
+def test_cpu_default_uses_the_kernel_for_float32_on_one_device():
+  one = jax.device_count() == 1
+  assert ops_matmul.resolved_impl("auto", jnp.float32, jnp.float32) == ("host" if one else "xla")
+  assert ops_matmul.resolved_impl("auto", jnp.float32, jnp.bfloat16) == "xla"
+  assert ops_matmul.resolved_impl("xla", jnp.float32) == "xla"
+  assert ops_matmul.resolved_impl("host", jnp.float32) == "host"
+  a, b = _operands(16, 8, 4)
+  text = jax.jit(lambda a, b: ops_matmul.matmul(a, b)).lower(a, b).as_text()
+  assert ("dsj_host_matmul" in text) == one
+  assert "dsj_host_matmul" not in jax.jit(lambda a, b: ops_matmul.matmul(a, b, impl="xla")).lower(a, b).as_text()
+
+
+def test_cpu_default_falls_back_to_jnp_dot_with_a_warning(monkeypatch):
+  a, b = _operands(16, 8, 4)
+  monkeypatch.setattr(host_build, "_state", {"reason": "no C++ compiler (test)"})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    text = jax.jit(lambda a, b: ops_matmul.matmul(a, b)).lower(a, b).as_text()
+  assert "dsj_host_matmul" not in text
+  if jax.device_count() == 1:
+    assert any("no C++ compiler (test)" in str(w.message) for w in caught)
+  with pytest.raises(RuntimeError, match=r"unavailable: no C\+\+ compiler \(test\)"):
+    host_matmul.host_matmul(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("remat_policy", ["none", "dots"])
+def test_model_loss_and_gradients_match_the_xla_matmul(remat_policy):
+  cfg = dsj.ModelConfig.preset("tiny", remat_policy=remat_policy)
+  model_x = dsj.DeepSeekV3(cfg.replace(matmul_impl="xla"))
+  model_h = dsj.DeepSeekV3(cfg.replace(matmul_impl="host"))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 24), 0, cfg.vocab_size)
+  variables = model_x.init(jax.random.PRNGKey(1), tokens)
+
+  def loss(params, model):
+    out = model.apply({**variables, "params": params}, tokens)
+    return jnp.mean(out.logits ** 2) + jnp.mean(out.mtp_logits[0] ** 2)
+
+  grad = lambda m: jax.jit(jax.value_and_grad(lambda p: loss(p, m)))(variables["params"])
+  assert "dsj_host_matmul" in jax.jit(lambda p: loss(p, model_h)).lower(variables["params"]).as_text()
+  (lx, gx), (lh, gh) = grad(model_x), grad(model_h)
+  assert abs(float(lx - lh)) <= 1e-6 * abs(float(lx))
+  for a, b in zip(jax.tree.leaves(gh), jax.tree.leaves(gx)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-9)
