@@ -37,6 +37,8 @@ flags.DEFINE_string("maxtext", "dense", "Train suite: MaxText's own train step o
 flags.DEFINE_string("ablate", "", "Train suite: also time our step with these parts swapped for stand-ins of "
                     "negligible work, e.g. 'routed_experts,attention' or 'all' "
                     "(experiments/benchmarks/ablation.py), for each part's wall-clock cost.")
+flags.DEFINE_string("impls", "", "Train suite: also time our step with each of these implementation choices "
+                    "(ModelConfig.attention_impl / moe_impl / matmul_impl), e.g. 'matmul_impl=xla,moe_impl=blocked'.")
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")

@@ -48,3 +48,13 @@ def test_ablated_steps_run_the_stand_ins_only_inside_the_block():
   with pytest.raises(ValueError, match="unknown part"):
     with ablation.without("optimizer"):
       pass
+
+
+def test_impl_choices_parse_into_config_variants():
+  import pytest  # pylint: disable=g-import-not-at-top
+  got = train_bench._impl_choices(" matmul_impl=xla, moe_impl=blocked")  # pylint: disable=protected-access
+  assert got == {"impl:matmul_impl=xla": ("matmul_impl", "xla"), "impl:moe_impl=blocked": ("moe_impl", "blocked")}
+  assert train_bench._impl_choices("") == {}  # pylint: disable=protected-access
+  for bad in ("matmul_impl", "dtype=bfloat16", "moe_impl="):
+    with pytest.raises(ValueError, match="--impls"):
+      train_bench._impl_choices(bad)  # pylint: disable=protected-access

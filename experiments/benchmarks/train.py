@@ -7,9 +7,10 @@ layer, where maxtext is importable, which needs Python >= 3.12). MFU counts the 
 (`analysis.train_flops_per_token`, full attention since all compute it masked) against the matmul peak
 measured in the same run in the compute dtype (`--dtype`, default the preset's float32), and on a GPU the
 datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also against its dense peak
-(`mfu_vs_datasheet`). Every contender (ours, our step under the `--remat` policies and `--scan_layers`,
-transformers, MaxText) is compiled and warmed up first and then timed in interleaved rounds, one step of each
-per round, so that a slow phase of a shared machine hits all of them alike. `--ablate=PARTS` also times our
+(`mfu_vs_datasheet`). Every contender (ours, our step under the `--remat` policies, `--scan_layers` and
+the `--impls` choices, e.g. `matmul_impl=xla`, transformers, MaxText) is compiled and warmed up first and
+then timed in interleaved rounds, one step of each per round, so that a slow phase of a shared machine hits
+all of them alike. `--ablate=PARTS` also times our
 step with each part swapped for a stand-in of negligible work (`ablation`: routed_experts, attention,
 shared_experts, dense_mlp) and reports each part's wall-clock cost and share of the step. `--profile=DIR`
 then profiles our step (`deepseek_jax.analysis.profile`): the jax profiler trace (TensorBoard / Perfetto),
@@ -28,6 +29,7 @@ from deepseek_jax import DeepSeekV3
 from deepseek_jax.analysis.flops import train_flops_per_token
 from deepseek_jax.analysis.hardware import gpu_for_device
 from deepseek_jax.ops import attention, moe_dispatch
+from deepseek_jax.ops import matmul as ops_matmul
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
@@ -116,6 +118,8 @@ def run(flags) -> dict:
   thunks["ours"], compile_s["ours"], ours_step = _ours(cfg, batch, seq_len)
   variants = {f"remat:{p}": dataclasses.replace(cfg, remat_policy=p)
               for p in (getattr(flags, "remat", "") or "").split(",") if p and p != cfg.remat_policy}
+  for name, (field, value) in _impl_choices(getattr(flags, "impls", "") or "").items():
+    variants[name] = dataclasses.replace(cfg, **{field: value})
   if getattr(flags, "scan_layers", False) and not cfg.scan_layers:
     variants["scan_layers"] = dataclasses.replace(cfg, scan_layers=True)
   for name, variant in variants.items():
@@ -149,6 +153,8 @@ def run(flags) -> dict:
                           moe_impl_resolved=moe_dispatch.resolved_impl(cfg.moe_impl, cfg.dtype),
                           attention_impl=cfg.attention_impl,
                           attention_impl_resolved=attention.resolved_impl(cfg.attention_impl, cfg.dtype),
+                          matmul_impl=cfg.matmul_impl,
+                          matmul_impl_resolved=ops_matmul.resolved_impl(cfg.matmul_impl, cfg.dtype),
                           host_blas=host_build.blas() if jax.default_backend() == "cpu" else None,
                           remat_policy=cfg.remat_policy,
                           dtype=cfg.dtype)}
@@ -159,6 +165,11 @@ def run(flags) -> dict:
            for name in variants if name.startswith("remat:")}
   if remat:
     result["remat"] = remat
+  impls = {name.split(":", 1)[1]: rates(name, compile_s=compile_s[name],
+                                        vs_ours=ours["median_s"] / timed[name]["median_s"])
+           for name in variants if name.startswith("impl:")}
+  if impls:
+    result["impls"] = impls
   if "scan_layers" in variants:
     result["scan_layers"] = rates("scan_layers", compile_s=compile_s["scan_layers"],
                                   vs_unrolled=ours["median_s"] / timed["scan_layers"]["median_s"])
@@ -181,6 +192,20 @@ def run(flags) -> dict:
     except (RuntimeError, OSError, ValueError) as err:
       result["profile_error"] = f"{type(err).__name__}: {err}"
   return result
+
+
+_IMPL_FIELDS = ("attention_impl", "moe_impl", "matmul_impl")
+
+
+def _impl_choices(spec: str) -> dict:
+  """'field=value,...' (fields of _IMPL_FIELDS) as {'impl:field=value': (field, value)}."""
+  out = {}
+  for item in filter(None, (x.strip() for x in spec.split(","))):
+    field, sep, value = item.partition("=")
+    if not sep or field not in _IMPL_FIELDS or not value:
+      raise ValueError(f"--impls: {item!r} is not one of {_IMPL_FIELDS}=<value>")
+    out[f"impl:{field}={value}"] = (field, value)
+  return out
 
 
 def _profile(step_and_args, out_dir: str) -> dict:
