@@ -10,6 +10,7 @@ from deepseek_jax.layers.mla import MLA
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.moe import MoE
 from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.ops import matmul as ops_matmul
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -59,10 +60,14 @@ def remat_block(cfg: ModelConfig):
   import jax  # pylint: disable=g-import-not-at-top
   if cfg.remat_policy == "none":
     return DecoderLayer
+  cp = jax.checkpoint_policies
+  # The 'dots' policies save the host matmul's products too (a custom call, not a dot_general).
+  host_products = cp.save_only_these_names(ops_matmul.PRODUCT_NAME)
   policy = {
       "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "dots": cp.save_from_both_policies(cp.checkpoint_dots, host_products),
+      "dots_with_no_batch_dims": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                            host_products),
   }[cfg.remat_policy]
   return nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
 

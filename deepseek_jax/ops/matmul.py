@@ -8,9 +8,14 @@ gradient, which contracts the token dimension that leads both operands, well bel
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import MATMUL_IMPLS
 from kernels import host_build, host_matmul
+
+# The name the host product's output carries for `jax.checkpoint` policies: the 'dots' remat policies
+# (`layers.transformer.remat_block`) save it as they save a dot_general's output, which a custom call is not.
+PRODUCT_NAME = "host_matmul_product"
 
 
 def resolved_impl(impl: str, *dtypes) -> str:
@@ -26,12 +31,13 @@ def resolved_impl(impl: str, *dtypes) -> str:
 
 
 def matmul(a, b, *, impl: str = "auto"):
-  """a [M, K] @ b [K, N] in the implementation `resolved_impl(impl, a.dtype, b.dtype)` picks.
+  """a [M, K] @ b [K, N] in the implementation `resolved_impl(impl, a.dtype, b.dtype)` picks (the host
+  product named `PRODUCT_NAME` for remat policies).
 
   Raises:
     ValueError: an unknown `impl`, or 'host' for operands that are not float32 (`host_matmul`'s checks).
     RuntimeError: 'host' where the host kernels are unavailable.
   """
   if resolved_impl(impl, a.dtype, b.dtype) == "host":
-    return host_matmul.host_matmul(a, b)
+    return checkpoint_name(host_matmul.host_matmul(a, b), PRODUCT_NAME)
   return jnp.dot(a, b)

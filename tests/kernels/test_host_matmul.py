@@ -142,3 +142,22 @@ def test_model_loss_and_gradients_match_the_xla_matmul(remat_policy):
   assert abs(float(lx - lh)) <= 1e-6 * abs(float(lx))
   for a, b in zip(jax.tree.leaves(gh), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-9)
+
+
+@needs_kernel
+def test_dots_remat_policies_save_the_host_products():
+  # The 'dots' policies keep the host matmul's outputs as they keep a dot_general's: the gradient runs no
+  # more host products than without remat, where 'full' reruns the forward's.
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 8), 0, dsj.ModelConfig.preset("tiny").vocab_size)
+
+  def host_calls(policy):
+    cfg = dsj.ModelConfig.preset("tiny", remat_policy=policy, matmul_impl="host")
+    model = dsj.DeepSeekV3(cfg)
+    variables = model.init(jax.random.PRNGKey(1), tokens)
+    loss = lambda p: jnp.mean(model.apply({**variables, "params": p}, tokens).logits ** 2)
+    return jax.jit(jax.grad(loss)).lower(variables["params"]).as_text().count("@dsj_host_matmul(")
+
+  none = host_calls("none")
+  assert host_calls("full") > none
+  assert host_calls("dots") == none
+  assert host_calls("dots_with_no_batch_dims") == none
