@@ -1,4 +1,4 @@
-"""ModelConfig: validation messages, presets against REFERENCE.md, HF config.json layouts."""
+"""ModelConfig: validation messages, presets against docs/reference.md, HF config.json layouts."""
 
 import json
 

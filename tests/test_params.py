@@ -1,4 +1,4 @@
-"""count_params against REFERENCE.md, and against the arrays init makes."""
+"""count_params against docs/reference.md, and against the arrays init makes."""
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,7 @@
 
 Every figure is the vendor's published peak per GPU, dense (NVIDIA datasheets print Tensor Core
 throughput "with sparsity"; the dense figure is half of it).  Peaks are what MFU is measured against, not
-what a kernel reaches: REFERENCE.md lists measured figures (DeepGEMM FP8 up to 1550 TFLOP/s on H800,
+what a kernel reaches: docs/reference.md lists measured figures (DeepGEMM FP8 up to 1550 TFLOP/s on H800,
 about 790 TFLOP/s bf16 matmul on H200).
 """
 

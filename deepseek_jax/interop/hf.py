@@ -42,7 +42,7 @@ from deepseek_jax.layers import fp8_weights
 from deepseek_jax.layers.fp8 import E4M3, dequantize_blockwise, quantize_blockwise
 
 DEFAULT_BLOCK = (128, 128)
-# The released FP8 layout keeps these in bf16 (REFERENCE.md); the router bias stays fp32.
+# The released FP8 layout keeps these in bf16 (docs/reference.md); the router bias stays fp32.
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import fp8
 
-# Linear layers whose weights the released FP8 checkpoints store as E4M3 (REFERENCE.md 'FP8 checkpoint');
+# Linear layers whose weights the released FP8 checkpoints store as E4M3 (docs/reference.md 'FP8 checkpoint');
 # the same set as the `fp8=True` entries of `deepseek_jax.interop.hf_names`.
 FP8_LINEAR_NAMES = frozenset({"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                               "gate_proj", "up_proj", "down_proj"})

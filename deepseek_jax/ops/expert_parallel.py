@@ -317,7 +317,7 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
   explicit = any(t_ == jax.sharding.AxisType.Explicit for t_ in getattr(mesh, "axis_types", ()))
   if explicit:
     args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs))
-  # Pallas calls carry no varying-manual-axes types, so the check is off for them (DESIGN.md facts).
+  # Pallas calls carry no varying-manual-axes types, so the check is off for them (docs/design.md).
   fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, P()),
                      check_vma=impl != "pallas")
   y, dropped = fn(*args)

@@ -11,7 +11,7 @@ import numpy as np
 
 import deepseek_jax as dsj
 
-# The 6.5M-parameter MoE config of REFERENCE.md's CPU table (vocab 512, expert width 128, dense width 512).
+# The 6.5M-parameter MoE config of docs/reference.md's CPU benchmarks (vocab 512, expert width 128, dense 512).
 BENCH_MOE = dict(
     vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
     first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,

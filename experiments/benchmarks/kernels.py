@@ -125,7 +125,7 @@ def _decode(cfg, runs):
   c_kv = jax.random.normal(ks[2], (b, t, dc), jnp.bfloat16)
   k_pe = jax.random.normal(ks[3], (b, t, dr), jnp.bfloat16)
   lengths = jnp.full((b,), t, jnp.int32)
-  scale = 0.1352338          # DeepSeek-V3's softmax scale with YaRN (REFERENCE.md)
+  scale = 0.1352338          # DeepSeek-V3's softmax scale with YaRN (docs/reference.md)
   flops = 2.0 * b * sq * h * t * (dc + dr + dc)
   nbytes = 2.0 * b * t * (dc + dr)
   kern = jax.jit(lambda *a: mla_decode.mla_decode(*a, sm_scale=scale))

@@ -23,7 +23,7 @@ from deepseek_jax.config import ModelConfig
 
 V3 = ModelConfig.preset("deepseek-v3")
 
-# REFERENCE.md: exact parameter arithmetic of the V3 config.
+# docs/reference.md: exact parameter arithmetic of the V3 config.
 V3_ACTIVE = 37_552_297_472
 V3_EMBED = 926_679_040
 V3_ATTN_PARAMS = 187_107_328
@@ -204,7 +204,7 @@ def test_causal_convention_is_the_mean_over_positions():
 
 
 def test_v3_components_match_reference_parameter_counts():
-  """Each component is 2 x its matmul parameters (REFERENCE.md's per-layer counts, norms removed)."""
+  """Each component is 2 x its matmul parameters (docs/reference.md's per-layer counts, norms removed)."""
   b = F.forward_flops_per_token(V3, 4096)
   norms_in_attn = V3.q_lora_rank + V3.kv_lora_rank  # q_a_layernorm, kv_a_layernorm
   assert F.mla_projection_flops(V3) == 2 * (V3_ATTN_PARAMS - norms_in_attn)

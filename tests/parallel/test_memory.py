@@ -68,7 +68,7 @@ def test_v3_on_the_report_cluster():
                             param_dtype="bfloat16", opt_dtype="bfloat16", compute_dtype="bfloat16",
                             remat_policy="full", zero1_axes=("data",), attention_impl="pallas",
                             capacity_factor=1.25)
-  # REFERENCE.md: main 671,026,419,200 + MTP 11,610,068,224 (embedding and head shared) numbers.
+  # docs/reference.md: main 671,026,419,200 + MTP 11,610,068,224 (embedding and head shared) numbers.
   assert plan["params_total"] == 671_026_419_200 + 11_610_068_224
   assert plan["devices"] == 2048 and plan["tokens_per_device"] == 4096
   # Routed experts: 58 + 1 (MTP) MoE layers x 256 experts x 44,040,192, split 64 ways; the rest replicated.
