@@ -1,10 +1,12 @@
 """Executes every research notebook top to bottom and fails on the first cell error.
 
-Each notebook runs in a fresh IPython kernel of this very interpreter (a kernel spec written to a temporary
-directory, so nothing depends on which kernels happen to be installed), on the CPU backend, from the
-notebooks/ directory. The notebooks assert their own numbers (naive == absorbed MLA, kernels == references,
-parameter counts == the report), so a cell error is a wrong result as well as a broken API. Each notebook's
-wall time is printed for the record.
+The notebooks are stored executed, so that a reader sees their plots without running them; the test clears
+those outputs and runs each notebook again from its source, in memory (nothing is written back). Each runs in
+a fresh IPython kernel of this very interpreter (a kernel spec written to a temporary directory, so nothing
+depends on which kernels happen to be installed), on the CPU backend, from the notebooks/ directory. The
+notebooks assert their own numbers (naive == absorbed MLA, kernels == references, parameter counts == the
+report), so a cell error is a wrong result as well as a broken API. Each notebook's wall time is printed for
+the record.
 """
 
 import json
@@ -26,6 +28,7 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 KERNEL = "deepseek-jax-notebook-test"
 CELL_TIMEOUT_S = 180
+MAX_STORED_BYTES = 300_000   # a stored notebook: text outputs and modest PNG plots, nothing bulky
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +54,26 @@ def test_notebooks_exist():
   assert names == ["01_architecture_tour.ipynb", "02_mla.ipynb", "03_moe_routing.ipynb",
                    "04_train_and_generate.ipynb", "05_cost_of_deepseek_v3.ipynb", "06_kernels.ipynb"]
   for p in PATHS:
+    assert p.stat().st_size <= MAX_STORED_BYTES, f"{p.name}: {p.stat().st_size} bytes stored"
     nb = nbformat.read(p, as_version=4)
-    # Saved clean: no outputs or execution counts in the repository.
-    for cell in nb.cells:
-      if cell.cell_type == "code":
-        assert not cell.outputs and cell.execution_count is None, f"{p.name} was saved with outputs"
+    assert "widgets" not in nb.metadata, f"{p.name} stores widget state"
+    # Stored executed in one pass: every code cell ran, in order, without an error.
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), (
+        f"{p.name} is not stored executed top to bottom")
+    for cell in code:
+      for out in cell.outputs:
+        assert out.output_type != "error", f"{p.name} stores an error"
+        # Plots as PNG only (no SVG, HTML or widget views).
+        assert set(out.get("data", {})) <= {"text/plain", "image/png"}, (p.name, sorted(out.get("data", {})))
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_notebook_runs(path, kernel_specs, capsys):
   nb = nbformat.read(path, as_version=4)
+  for cell in nb.cells:   # run from the source, not the stored outputs
+    if cell.cell_type == "code":
+      cell.outputs, cell.execution_count = [], None
   km = jupyter_client.KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
   client = nbclient.NotebookClient(nb, km=km, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S, startup_timeout=120,
                                    allow_errors=False, resources={"metadata": {"path": str(NOTEBOOKS)}})
