@@ -432,7 +432,9 @@ def _read_json_file(path: str):
   except OSError as e:
     raise ValueError(f"{path}: cannot open ({e.strerror})") from None
   with os.fdopen(fd, "rb") as f:
-    raw = f.read(MAX_CONFIG_BYTES + 1)
+    raw = f.read(st.st_size + 1)  # read(n) allocates n bytes up front: ask for what the file holds
+  if len(raw) > MAX_CONFIG_BYTES:
+    raise ValueError(f"{path}: more bytes than a config.json may have ({MAX_CONFIG_BYTES})")
   try:
     return json.loads(raw.decode("utf-8"))
   except UnicodeDecodeError as e:

@@ -62,9 +62,9 @@ def dtype_name(dtype) -> str:
 
 
 def show(value, limit: int = 80) -> str:
-  """repr of an untrusted value, cut to `limit` characters (one line, whatever the value holds)."""
+  """repr of an untrusted value, its middle cut to keep `limit` characters (one line, whatever it holds)."""
   r = repr(value)
-  return r if len(r) <= limit else r[:limit] + "..."
+  return r if len(r) <= limit else r[:limit // 2] + "..." + r[-(limit // 2):]
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -96,6 +96,8 @@ def resolve_inside(root: str, name, where: str) -> str:
     raise CheckpointError(f"{where}: file name {show(name)} is an absolute path; a checkpoint may only name "
                           f"files inside its folder {root}")
   real = os.path.realpath(os.path.join(root, name))
+  if real == os.path.realpath(root):
+    raise CheckpointError(f"{where}: file name {show(name)} names the checkpoint folder itself")
   for r in _allowed_roots(root):
     if os.path.commonpath([real, r]) == r:
       return real
@@ -173,7 +175,9 @@ def read_json(path: str, shown: Optional[str] = None, *, unique_keys: bool = Fal
     size = os.fstat(f.fileno()).st_size
     if size > limit:
       raise CheckpointError(f"{shown}: {size} bytes, more than the {limit} a JSON file here may have")
-    raw = f.read(limit + 1)
+    raw = f.read(size + 1)  # read(n) allocates n bytes up front: ask for what the file holds
+  if len(raw) > limit:
+    raise CheckpointError(f"{shown}: more than the {limit} bytes a JSON file here may have")
   return parse_json(raw, shown, unique_keys=unique_keys)
 
 
