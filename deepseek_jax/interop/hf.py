@@ -252,6 +252,9 @@ def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, 
   used = set()
   for e in needed:
     info = ckpt.tensors[e.hf]
+    if not info.dtype.startswith(("F", "BF")):
+      raise CheckpointError(f"tensor {e.hf} (in {info.file}) has dtype {info.dtype}; model weights are floating "
+                            "point")
     want = hf_shape(e, shapes[(e.collection, e.path)].shape)
     if tuple(info.shape) != want:
       raise CheckpointError(f"tensor {e.hf}: expected shape {want} from config.json, found "
@@ -291,6 +294,9 @@ def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, 
 
 # ------------------------------------------------------------------------------------------------ load
 
+_FINITE_CHUNK = 1 << 24  # elements checked at a time (bounds the temporary of np.isfinite)
+
+
 class _LeafReader:
   """Produces one variable (or a shard of it) in the model layout from its HF tensors."""
 
@@ -325,13 +331,23 @@ class _LeafReader:
     k = to_model_layout(self.cfg, e, w, self.shape, self.interleaved)
     return np.ascontiguousarray(k, dtype=self.dtype)
 
+  def _finite(self, e: Entry) -> np.ndarray:
+    """_convert(e), refused if a value is NaN or inf (a damaged file, or scales that overflow the dtype)."""
+    k = self._convert(e)
+    flat = k.reshape(-1)
+    for i in range(0, flat.size, _FINITE_CHUNK):
+      if not np.isfinite(flat[i:i + _FINITE_CHUNK]).all():
+        raise CheckpointError(f"tensor {e.hf} (in {self.ckpt.tensors[e.hf].file}) holds non-finite values "
+                              f"(NaN or inf) as {k.dtype}")
+    return k
+
   def full(self) -> np.ndarray:
     """The whole variable."""
     if self._full is None:
       if self.entries[0].kind == "expert":
         self._full = self.block_of(tuple(slice(0, n) for n in self.shape))
       else:
-        self._full = self._convert(self.entries[0])
+        self._full = self._finite(self.entries[0])
     return self._full
 
   def block_of(self, index) -> np.ndarray:
@@ -345,7 +361,7 @@ class _LeafReader:
       stack = self._experts_cache[1]
     else:
       by_expert = {e.expert: e for e in self.entries}
-      stack = np.stack([self._convert(by_expert[j]) for j in range(*rows)]) if range(*rows) else \
+      stack = np.stack([self._finite(by_expert[j]) for j in range(*rows)]) if range(*rows) else \
           np.zeros((0,) + self.shape[1:], self.dtype)
       self._experts_cache = (rows, stack)
     return stack[(slice(None),) + index[1:]]
@@ -522,8 +538,10 @@ def load(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True,
     (cfg, variables) with variables in exactly `DeepSeekV3(cfg).init`'s structure ({'params', 'router'}).
   Raises:
     FileNotFoundError: no directory / config.json / safetensors files.
-    ValueError: unsupported model_type (from ModelConfig.from_hf).
-    CheckpointError: missing, misshapen or unexpected tensors, FP8 weights without their scale.
+    CheckpointError (a ValueError; one line naming the file and the field or tensor): a file named outside
+      the folder or not a regular file, a malformed index / header / config.json (bad JSON, wrong types,
+      non-finite or out-of-bounds values, byte ranges the file does not hold), a config larger than its
+      files, missing, misshapen or unexpected tensors, FP8 weights without their scale, non-finite weights.
   """
   cfg, variables, _ = load_with_report(path, dtype=dtype, mesh=mesh, rules=rules, strict=strict,
                                        progress=progress, config_overrides=config_overrides,

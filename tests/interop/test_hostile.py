@@ -199,6 +199,17 @@ def _vocab_bomb(d, outside):
     _write_st(d / s, json.dumps(h).encode(), data)
 
 
+def _poke(value):
+  """A case writing float32 `value` as element 5 of the first tensor of the first shard."""
+  def mutate(d, outside):
+    p = d / _shards(d)[0]
+    h, data = _read_st(p)
+    begin = h[_first(h)]["data_offsets"][0] + 5 * 4
+    data = data[:begin] + np.float32(value).tobytes() + data[begin + 4:]
+    _write_st(p, json.dumps(h).encode(), data)
+  return mutate
+
+
 def _bomb(h):
   h[_first(h)].update(dtype="F32", shape=[1 << 29], data_offsets=[0, 1 << 31])
 
@@ -291,6 +302,11 @@ CASES = {
                                .encode()), SHARD0, r"header: not valid JSON \(.*digits"),
     "file_shorter_than_8": (replace_file(lambda s: s[0], lambda p, *_: open(p, "wb").write(b"\1\2\3")), SHARD0,
                             r"shorter than its 8-byte header length"),
+    "weight_dtype_int": (header(_set_tensor("dtype", "I32")), SHARD0,
+                         r"tensor model\.embed_tokens\.weight \(in model-00001.*\) has dtype I32"),
+    "weight_value_nan": (_poke(np.nan), SHARD0, r"tensor model\.embed_tokens\.weight \(in model-00001.*\) holds "
+                         r"non-finite values"),
+    "weight_value_inf": (_poke(-np.inf), SHARD0, r"embed_tokens\.weight .* holds non-finite values"),
     "file_empty": (replace_file(lambda s: s[0], lambda p, *_: open(p, "wb").close()), SHARD0,
                    r"shorter than its 8-byte header length"),
     # --- malformed index
