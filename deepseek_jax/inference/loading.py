@@ -144,12 +144,13 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
       tok = load_workdir_tokenizer(workdir)
   elif hf_dir:
     from deepseek_jax.interop import hf, safetensors_io  # pylint: disable=g-import-not-at-top
-    cfg, variables = hf.load(hf_dir)
     tok_file = os.path.join(hf_dir, "tokenizer.json")
-    if tokenizer is None and os.path.lexists(tok_file):
-      # Like every file of the checkpoint: inside its folder and a regular file, else refused.
+    own_tokenizer = tokenizer is None and os.path.lexists(tok_file)
+    if own_tokenizer:  # like every file of the checkpoint: inside its folder and a regular file, else refused
       safetensors_io.open_regular(safetensors_io.resolve_inside(hf_dir, "tokenizer.json", tok_file),
                                   tok_file).close()
+    cfg, variables = hf.load(hf_dir)
+    if own_tokenizer:
       tok = load_tokenizer(hf_dir)
   elif orbax_dir:
     from deepseek_jax.interop import orbax_io  # pylint: disable=g-import-not-at-top

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import MAX_CONFIG_BYTES, ModelConfig
 from deepseek_jax.interop import hf_names, safetensors_io
 from deepseek_jax.interop.hf_names import Entry
 from deepseek_jax.interop.placement import abstract_variables, variable_shardings
@@ -52,7 +52,6 @@ FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant
 
 
 CheckpointError = safetensors_io.CheckpointError
-MAX_CONFIG_BYTES = 10_000_000  # a released config.json is about 2 KB
 
 
 @dataclasses.dataclass
@@ -230,6 +229,7 @@ def _check_table_size(cfg: ModelConfig, ckpt: safetensors_io.Checkpoint, fn: str
     if need > have:
       raise CheckpointError(f"{fn} describes a model of more tensors than the {have} its safetensors files "
                             "hold (check num_hidden_layers, n_routed_experts, num_nextn_predict_layers)")
+
 
 def _mtp_depths_present(cfg: ModelConfig, names) -> int:
   depth = 0

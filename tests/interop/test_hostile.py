@@ -454,6 +454,14 @@ def test_legitimate_layouts_still_load(tmp_path, base, tiny_cfg):
                                   np.asarray(ref["params"]["embed_tokens"]["embedding"]))
 
 
+@pytest.mark.parametrize("make", [_symlink(lambda out: "/etc/passwd"), _fifo], ids=["symlink_escape", "fifo"])
+def test_generation_refuses_a_hostile_tokenizer_json(tmp_path, base, make):
+  from deepseek_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  d = _hostile(tmp_path, base, replace_file("tokenizer.json", make))
+  with _deadline(60), pytest.raises(hf.CheckpointError, match=r"tokenizer\.json.*(resolves outside|is a FIFO)"):
+    loading.load_for_generation(hf_dir=str(d))
+
+
 @pytest.mark.parametrize("entry,case", [("generate", "index_traversal"), ("convert", "rms_norm_eps_nan")])
 def test_entry_point_exits_2_with_one_line(tmp_path, base, entry, case):
   d = _hostile(tmp_path, base, CASES[case][0])
