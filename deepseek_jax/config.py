@@ -424,7 +424,9 @@ def _read_json_file(path: str):
   except FileNotFoundError:
     raise FileNotFoundError(f"no config.json at {path}") from None
   if not stat.S_ISREG(st.st_mode):
-    raise ValueError(f"{path} is not a regular file")
+    kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket")
+    raise ValueError(f"{path} is {kind}, not a regular file; refused")
   if st.st_size > MAX_CONFIG_BYTES:
     raise ValueError(f"{path}: {st.st_size} bytes, more than a config.json may have ({MAX_CONFIG_BYTES})")
   try:

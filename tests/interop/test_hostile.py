@@ -21,6 +21,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+import deepseek_jax as dsj
 from deepseek_jax.interop import hf, safetensors_io
 import test_hf_roundtrip  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -415,6 +416,23 @@ def test_hostile_checkpoint_is_refused_in_one_line(tmp_path, base, case):
   if "passwd" in case:  # nothing about the outside file leaks (its size, its contents)
     rest = msg.replace(str(d), "")
     assert str(os.path.getsize(PASSWD)) not in rest and "root:" not in rest, msg
+
+
+# Cases refused by config.json alone (not by comparing it with the tensors, not by where it lives).
+CONFIG_ONLY = [c for c, (_, f, field) in CASES.items() if f == CFG and not re.search(
+    r"hold|resolves outside|is a directory|weight_block_size|quantization_config|rope_interleave", field)]
+
+
+@pytest.mark.parametrize("case", CONFIG_ONLY)
+def test_model_config_from_hf_file_refuses_in_one_line(tmp_path, base, case):
+  """`ModelConfig.from_hf(path)` (used for workdirs too) refuses each bad config.json on its own."""
+  mutate, _, field_re = CASES[case]
+  d = _hostile(tmp_path, base, mutate)
+  with _deadline(60), pytest.raises(ValueError) as err:
+    dsj.ModelConfig.from_hf(d / "config.json")
+  msg = str(err.value)
+  assert "\n" not in msg and str(d / "config.json") in msg, msg
+  assert re.search(field_re.replace("field ", ""), msg), msg
 
 
 def test_peak_check_sees_a_tensor_buffer():
