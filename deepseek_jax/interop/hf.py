@@ -282,7 +282,9 @@ def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, 
   skipped = [n for n in rest if n in aliases or n.endswith(hf_names.IGNORED_SUFFIXES)]
   unexpected = [n for n in rest if n not in skipped]
   if unexpected:
-    shown = ", ".join(unexpected[:12]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 12
+    # Names from the file: shown escaped (a name may hold a newline) unless plain.
+    shown = ", ".join(n if n.isprintable() and len(n) <= 200 else safetensors_io.show(n)
+                      for n in unexpected[:12]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 12
                                           else "")
     msg = f"checkpoint {ckpt.path} has tensors the model has no place for: {shown}"
     if strict:

@@ -272,6 +272,9 @@ CASES = {
     "vocab_beyond_files": (config(_setitem("vocab_size", 4_000_000)), SHARD0,
                            r"model\.embed_tokens\.weight: expected shape \(4000000, 64\)"),
     # --- malformed safetensors headers
+    "tensor_name_with_newline": (both(glob_layout(lambda d: None), header(lambda h: h.update(
+        {"model.x\nerror: fake": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}))),
+                                 r"checkpoint \S*ckpt", r"no place for: 'model\.x\\nerror: fake'"),
     "header_is_list": (header(lambda h: b"[]"), SHARD0, r"header is a list, not an object"),
     "tensor_entry_is_list": (header(lambda h: h.update({_first(h): [1, 2]})), SHARD0,
                              r"tensor 'model\.embed_tokens\.weight' is a list"),
