@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import stat
 from typing import Any, Mapping, Optional
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -25,6 +27,52 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
                            "attention_impl", "moe_impl", "matmul_impl",
                            "remat_policy", "scan_layers"})
+# Upper bounds on the sizes a config.json may declare (`from_hf`): far above every released DeepSeek model
+# (V3: 61 layers, width 7168, vocabulary 129280, 256 experts), low enough that a hostile file cannot make the
+# loader build name tables or shapes of absurd size.
+HF_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+    "q_lora_rank": 1 << 16, "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 4096, "qk_rope_head_dim": 4096,
+    "v_head_dim": 4096, "n_routed_experts": 4096, "n_shared_experts": 64, "num_experts_per_tok": 4096,
+    "n_group": 4096, "topk_group": 4096, "moe_layer_freq": 1024, "first_k_dense_replace": 1024,
+    "num_nextn_predict_layers": 64, "max_position_embeddings": 1 << 24,
+}
+MAX_CONFIG_BYTES = 10_000_000  # a released config.json is about 2 KB
+
+
+def _short(value, limit: int = 60) -> str:
+  r = repr(value)
+  return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _check_field_types(obj, prefix: str = ""):
+  """ValueError naming the first field whose value is not of its annotated type (int, float, bool, str,
+  Optional[...] of those); floats must be finite."""
+  for f in dataclasses.fields(obj):
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    optional = t.startswith("Optional[")
+    base = t[len("Optional["):-1] if optional else t
+    v = getattr(obj, f.name)
+    if v is None and optional:
+      continue
+    if base == "bool":
+      ok, what = isinstance(v, bool), "a bool"
+    elif base == "int":
+      ok, what = isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"
+    elif base == "float":
+      ok, what = isinstance(v, numbers.Real) and not isinstance(v, bool), "a finite number"
+      if ok:
+        try:
+          ok = math.isfinite(v)
+        except OverflowError:
+          ok = False
+    elif base == "str":
+      ok, what = isinstance(v, str), "a string"
+    else:
+      continue
+    if not ok:
+      raise ValueError(f"{prefix}{f.name}={_short(v)} must be {what}" + (" or null" if optional else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +97,7 @@ class RopeScaling:
   mscale_all_dim: float = 1.0
 
   def __post_init__(self):
+    _check_field_types(self, "rope_scaling.")
     if self.type != "yarn":
       raise ValueError(f"rope_scaling.type={self.type!r}: only 'yarn' is supported")
     if not self.factor >= 1.0:
@@ -156,8 +205,11 @@ class ModelConfig:
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"rope_scaling={_short(self.rope_scaling)} must be an object or null")
     if self.q_lora_rank == 0:
       object.__setattr__(self, "q_lora_rank", None)
+    _check_field_types(self)
     positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                 "v_head_dim", "max_position_embeddings", "moe_layer_freq"]
@@ -281,21 +333,30 @@ class ModelConfig:
 
     Accepts the released layout (`rope_scaling`, `num_nextn_predict_layers`) and the one transformers 5
     writes (`rope_parameters`, `num_mtp_layers`).  Unknown keys are ignored; fields absent from the file
-    take the HF defaults of the model type.
+    take the HF defaults of the model type.  The file is untrusted input: every value is type-checked
+    (floats finite) and the sizes are bounded by `HF_LIMITS`; any problem is one ValueError line naming the
+    file and the field.
     """
     if isinstance(source, Mapping):
-      d = dict(source)
-    else:
-      path = os.fspath(source)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json at {path}")
-      with open(path) as f:
-        d = json.load(f)
+      return cls._from_hf_dict(source, overrides)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    d = _read_json_file(path)
+    try:
+      return cls._from_hf_dict(d, overrides)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
+
+  @classmethod
+  def _from_hf_dict(cls, source, overrides: Mapping[str, Any]) -> "ModelConfig":
+    """`from_hf` of a parsed config.json: every value type-checked, sizes within HF_LIMITS."""
+    if not isinstance(source, Mapping):
+      raise ValueError(f"the config is a {type(source).__name__}, not an object")
+    d = dict(source)
     model_type = d.get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-      raise ValueError(f"model_type={model_type!r} is not supported (expected deepseek_v3 or "
+      raise ValueError(f"model_type={_short(model_type)} is not supported (expected deepseek_v3 or "
                        "deepseek_v2)")
     if model_type == "deepseek_v2":
       base = dict(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
@@ -307,6 +368,9 @@ class ModelConfig:
     # Rope: released `rope_scaling`, transformers 5 `rope_parameters` (which also carries rope_theta).
     rope = d.get("rope_scaling")
     params = d.get("rope_parameters")
+    for name, v in (("rope_scaling", rope), ("rope_parameters", params)):
+      if v is not None and not isinstance(v, Mapping):
+        raise ValueError(f"{name}={_short(v)} must be an object or null")
     if isinstance(params, Mapping):
       if "rope_theta" in params and "rope_theta" not in d:
         d["rope_theta"] = params["rope_theta"]
@@ -323,11 +387,18 @@ class ModelConfig:
       d.pop("topk_group", None)
     for k in ("bos_token_id", "eos_token_id"):
       if isinstance(d.get(k), list):
+        if not d[k]:
+          raise ValueError(f"{k}=[] must be a token id, a list of them, or null")
         d[k] = d[k][0]
     # Only HF fields: transformers writes "dtype" (its storage dtype), which is not our compute dtype.
     known = {f.name for f in dataclasses.fields(cls)} - NON_HF_FIELDS
     kwargs = dict(base)
     kwargs.update({k: v for k, v in d.items() if k in known})
+    for name, limit in HF_LIMITS.items():  # before construction: a huge value is refused, never used
+      v = kwargs.get(name)
+      if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > limit:
+        raise ValueError(f"{name}={_short(v)} exceeds the largest value a checkpoint may declare ({limit}; "
+                         "deepseek_jax.config.HF_LIMITS)")
     kwargs.update(overrides)
     return cls(**kwargs)
 
@@ -343,6 +414,39 @@ class ModelConfig:
              hidden_act="silu", num_key_value_heads=self.num_attention_heads, torch_dtype="float32",
              rope_interleave=True)
     return d
+
+
+def _read_json_file(path: str):
+  """A config.json's parsed JSON: refused with one ValueError line naming the file unless it is a regular
+  file of at most MAX_CONFIG_BYTES of UTF-8 JSON (checked with stat first: a FIFO is never opened)."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"no config.json at {path}") from None
+  if not stat.S_ISREG(st.st_mode):
+    kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket")
+    raise ValueError(f"{path} is {kind}, not a regular file; refused")
+  if st.st_size > MAX_CONFIG_BYTES:
+    raise ValueError(f"{path}: {st.st_size} bytes, more than a config.json may have ({MAX_CONFIG_BYTES})")
+  try:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+  except OSError as e:
+    raise ValueError(f"{path}: cannot open ({e.strerror})") from None
+  with os.fdopen(fd, "rb") as f:
+    raw = f.read(st.st_size + 1)  # read(n) allocates n bytes up front: ask for what the file holds
+  if len(raw) > MAX_CONFIG_BYTES:
+    raise ValueError(f"{path}: more bytes than a config.json may have ({MAX_CONFIG_BYTES})")
+  try:
+    return json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+  except RecursionError:
+    raise ValueError(f"{path}: JSON nested too deeply") from None
+  except ValueError as e:  # e.g. an integer of more digits than Python converts
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 TINY = ModelConfig(

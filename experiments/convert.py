@@ -8,6 +8,7 @@ HF -> orbax reads (dequantizing FP8 blocks) with `deepseek_jax.interop.hf.load` 
 """
 
 import json
+import sys
 
 from absl import app, flags
 
@@ -50,8 +51,12 @@ def main(argv):
   else:
     if not FLAGS.hf_dir:
       raise app.UsageError("--hf_dir is required (or --to_hf with --orbax_dir)")
-    cfg, variables, report = hf.load_with_report(FLAGS.hf_dir, dtype=FLAGS.dtype, mesh=_mesh(),
-                                                 strict=FLAGS.strict, progress=True)
+    try:
+      cfg, variables, report = hf.load_with_report(FLAGS.hf_dir, dtype=FLAGS.dtype, mesh=_mesh(),
+                                                   strict=FLAGS.strict, progress=True)
+    except (ValueError, FileNotFoundError) as e:  # hf.CheckpointError is a ValueError: one line, status 2
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     orbax_io.save_variables(FLAGS.out, cfg, variables)
     summary = dict(direction="hf->orbax", out=FLAGS.out, **hf.summary(report))
   print(json.dumps(summary))

@@ -125,7 +125,8 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   Returns:
     (DeepSeekV3 model, variables, tokenizer or None when no source provides one).
   Raises:
-    ValueError: no source or several; FileNotFoundError: missing files.
+    ValueError: no source or several (an untrusted HF checkpoint's problems are
+      `deepseek_jax.interop.hf.CheckpointError`, a ValueError); FileNotFoundError: missing files.
   """
   from deepseek_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
   sources = {"workdir": workdir, "hf_dir": hf_dir, "orbax_dir": orbax_dir, "preset (random init)": preset}
@@ -142,9 +143,14 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
     if tokenizer is None and os.path.exists(os.path.join(workdir, "tokenizer")):
       tok = load_workdir_tokenizer(workdir)
   elif hf_dir:
-    from deepseek_jax.interop import hf  # pylint: disable=g-import-not-at-top
+    from deepseek_jax.interop import hf, safetensors_io  # pylint: disable=g-import-not-at-top
+    tok_file = os.path.join(hf_dir, "tokenizer.json")
+    own_tokenizer = tokenizer is None and os.path.lexists(tok_file)
+    if own_tokenizer:  # like every file of the checkpoint: inside its folder and a regular file, else refused
+      safetensors_io.open_regular(safetensors_io.resolve_inside(hf_dir, "tokenizer.json", tok_file),
+                                  tok_file).close()
     cfg, variables = hf.load(hf_dir)
-    if tokenizer is None and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    if own_tokenizer:
       tok = load_tokenizer(hf_dir)
   elif orbax_dir:
     from deepseek_jax.interop import orbax_io  # pylint: disable=g-import-not-at-top

@@ -2,9 +2,13 @@
 
 `load` reads a directory with `config.json` and `model.safetensors` (or shards named by
 `model.safetensors.index.json`) into the variables `DeepSeekV3(cfg).init` makes:
-1. `ModelConfig.from_hf(config.json)`; tensor headers are checked against the name table of
-   `hf_names.entries` before any data is read (missing, misshapen, unexpected tensors, FP8 weights without
-   their scale).  A config with MTP layers whose tensors are absent loads with those depths removed.
+1. `ModelConfig.from_hf(config.json)` (values type-checked, sizes bounded); every safetensors header is
+   validated (`safetensors_io.Checkpoint`: files inside the folder, regular, byte ranges inside them); the
+   config's layer and expert counts are checked against the tensors present before the name table of
+   `hf_names.entries` is built, and the headers against that table before any data is read (missing,
+   misshapen, unexpected tensors, FP8 weights without their scale).  A config with MTP layers whose tensors
+   are absent loads with those depths removed.  Every problem is one `CheckpointError` line naming the file
+   and the field or tensor.
 2. One variable at a time: each HF tensor is read, dequantized if it is float8_e4m3fn (block x
    `weight_scale_inv`, block from `quantization_config.weight_block_size`, ragged edge blocks), laid out
    ([out, in] -> [in..., out...]; per-expert tensors -> slices of the stacked [E, in, out]) and cast.
@@ -25,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -34,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import MAX_CONFIG_BYTES, ModelConfig
 from deepseek_jax.interop import hf_names, safetensors_io
 from deepseek_jax.interop.hf_names import Entry
 from deepseek_jax.interop.placement import abstract_variables, variable_shardings
@@ -46,8 +51,7 @@ DEFAULT_BLOCK = (128, 128)
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not fit the model its config.json describes (the message names the tensor)."""
+CheckpointError = safetensors_io.CheckpointError
 
 
 @dataclasses.dataclass
@@ -131,22 +135,39 @@ def to_hf_layout(e: Entry, k: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ config
 
-def _read_config(path: str) -> dict:
+def _read_config(path: str) -> tuple[str, dict]:
+  """(path of config.json, its parsed JSON object), the file checked like every checkpoint file."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
   fn = os.path.join(path, "config.json")
-  if not os.path.exists(fn):
+  if not os.path.lexists(fn):
     raise FileNotFoundError(f"no config.json in {path}: an HF checkpoint directory needs one")
-  with open(fn) as f:
-    return json.load(f)
+  safetensors_io.resolve_inside(path, "config.json", fn)
+  raw = safetensors_io.read_json(fn, limit=MAX_CONFIG_BYTES)
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{fn}: the config is a {type(raw).__name__}, not an object")
+  return fn, raw
 
 
-def _block_size(raw: dict) -> tuple:
-  q = raw.get("quantization_config") or {}
+def _block_size(raw: dict, fn: str) -> tuple:
+  q = raw.get("quantization_config")
+  if q is None:
+    q = {}
+  if not isinstance(q, dict):
+    raise CheckpointError(f"{fn}: field quantization_config={safetensors_io.show(q)} is not an object")
   block = q.get("weight_block_size") or DEFAULT_BLOCK
-  if len(block) != 2:
-    raise CheckpointError(f"quantization_config.weight_block_size={block!r}: expected two ints")
+  if (not isinstance(block, (list, tuple)) or len(block) != 2
+      or not all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+    raise CheckpointError(f"{fn}: field quantization_config.weight_block_size={safetensors_io.show(block)}: "
+                          "expected two positive ints")
   return tuple(int(b) for b in block)
+
+
+def _config(raw: dict, fn: str, overrides: dict) -> ModelConfig:
+  try:
+    return ModelConfig.from_hf(raw, **overrides)
+  except ValueError as e:
+    raise CheckpointError(f"{fn}: {e}") from None
 
 
 def _dtype_name(dtype) -> str:
@@ -178,6 +199,38 @@ def _unflatten(items: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ checks
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def _check_sizes_against_files(cfg: ModelConfig, ckpt: safetensors_io.Checkpoint, fn: str):
+  """Refuses a config whose layer / expert counts the files cannot hold, before any table is built."""
+  layers, experts = set(), set()
+  for name in ckpt.tensors:
+    m = _LAYER.match(name)
+    if m:
+      layers.add(m.group(1))
+      e = _EXPERT.search(name, m.end() - 1)
+      if e:
+        experts.add(e.group(1))
+  if cfg.num_hidden_layers > len(layers):
+    raise CheckpointError(f"{fn}: field num_hidden_layers={cfg.num_hidden_layers}, but the safetensors files "
+                          f"hold tensors of {len(layers)} layers")
+  if cfg.num_moe_layers and cfg.n_routed_experts > len(experts):
+    raise CheckpointError(f"{fn}: field n_routed_experts={cfg.n_routed_experts}, but the safetensors files "
+                          f"hold tensors of {len(experts)} experts")
+
+
+def _check_table_size(cfg: ModelConfig, ckpt: safetensors_io.Checkpoint, fn: str):
+  """Refuses a config that needs more tensors than the files hold, counting at most that many entries."""
+  have, need = len(ckpt.tensors), 0
+  for e in hf_names.iter_entries(cfg):
+    need += not e.alias
+    if need > have:
+      raise CheckpointError(f"{fn} describes a model of more tensors than the {have} its safetensors files "
+                            "hold (check num_hidden_layers, n_routed_experts, num_nextn_predict_layers)")
+
+
 def _mtp_depths_present(cfg: ModelConfig, names) -> int:
   depth = 0
   for k in range(1, cfg.num_nextn_predict_layers + 1):
@@ -188,7 +241,7 @@ def _mtp_depths_present(cfg: ModelConfig, names) -> int:
   return depth
 
 
-def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, strict: bool):
+def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, strict: bool, block):
   """Checks every tensor header against the table; returns the names skipped."""
   names = set(ckpt.names())
   needed = [e for e in table if not e.alias]
@@ -199,6 +252,9 @@ def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, 
   used = set()
   for e in needed:
     info = ckpt.tensors[e.hf]
+    if not info.dtype.startswith(("F", "BF")):
+      raise CheckpointError(f"tensor {e.hf} (in {info.file}) has dtype {info.dtype}; model weights are floating "
+                            "point")
     want = hf_shape(e, shapes[(e.collection, e.path)].shape)
     if tuple(info.shape) != want:
       raise CheckpointError(f"tensor {e.hf}: expected shape {want} from config.json, found "
@@ -211,13 +267,24 @@ def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, 
       scale = hf_names.scale_name(e.hf)
       if scale not in names:
         raise CheckpointError(f"FP8 weight {e.hf} ({info.dtype}) has no {scale} tensor to dequantize it")
+      sinfo = ckpt.tensors[scale]
+      swant = tuple(-(-n // b) for n, b in zip(info.shape, block))
+      if tuple(sinfo.shape) != swant:
+        raise CheckpointError(f"tensor {scale} (in {sinfo.file}): weight_scale_inv has shape "
+                              f"{tuple(sinfo.shape)}, expected {swant} for {info.shape} weights in {block} "
+                              "blocks")
+      if sinfo.dtype not in ("F32", "BF16", "F16"):
+        raise CheckpointError(f"tensor {scale} (in {sinfo.file}) has dtype {sinfo.dtype}; a weight_scale_inv "
+                              "is F32, BF16 or F16")
       used.add(scale)
   aliases = {e.hf for e in table if e.alias}
   rest = sorted(names - used)
   skipped = [n for n in rest if n in aliases or n.endswith(hf_names.IGNORED_SUFFIXES)]
   unexpected = [n for n in rest if n not in skipped]
   if unexpected:
-    shown = ", ".join(unexpected[:12]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 12
+    # Names from the file: shown escaped (a name may hold a newline) unless plain.
+    shown = ", ".join(n if n.isprintable() and len(n) <= 200 else safetensors_io.show(n)
+                      for n in unexpected[:12]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 12
                                           else "")
     msg = f"checkpoint {ckpt.path} has tensors the model has no place for: {shown}"
     if strict:
@@ -228,6 +295,9 @@ def _validate(ckpt: safetensors_io.Checkpoint, cfg: ModelConfig, table, shapes, 
 
 
 # ------------------------------------------------------------------------------------------------ load
+
+_FINITE_CHUNK = 1 << 24  # elements checked at a time (bounds the temporary of np.isfinite)
+
 
 class _LeafReader:
   """Produces one variable (or a shard of it) in the model layout from its HF tensors."""
@@ -263,13 +333,23 @@ class _LeafReader:
     k = to_model_layout(self.cfg, e, w, self.shape, self.interleaved)
     return np.ascontiguousarray(k, dtype=self.dtype)
 
+  def _finite(self, e: Entry) -> np.ndarray:
+    """_convert(e), refused if a value is NaN or inf (a damaged file, or scales that overflow the dtype)."""
+    k = self._convert(e)
+    flat = k.reshape(-1)
+    for i in range(0, flat.size, _FINITE_CHUNK):
+      if not np.isfinite(flat[i:i + _FINITE_CHUNK]).all():
+        raise CheckpointError(f"tensor {e.hf} (in {self.ckpt.tensors[e.hf].file}) holds non-finite values "
+                              f"(NaN or inf) as {k.dtype}")
+    return k
+
   def full(self) -> np.ndarray:
     """The whole variable."""
     if self._full is None:
       if self.entries[0].kind == "expert":
         self._full = self.block_of(tuple(slice(0, n) for n in self.shape))
       else:
-        self._full = self._convert(self.entries[0])
+        self._full = self._finite(self.entries[0])
     return self._full
 
   def block_of(self, index) -> np.ndarray:
@@ -283,7 +363,7 @@ class _LeafReader:
       stack = self._experts_cache[1]
     else:
       by_expert = {e.expert: e for e in self.entries}
-      stack = np.stack([self._convert(by_expert[j]) for j in range(*rows)]) if range(*rows) else \
+      stack = np.stack([self._finite(by_expert[j]) for j in range(*rows)]) if range(*rows) else \
           np.zeros((0,) + self.shape[1:], self.dtype)
       self._experts_cache = (rows, stack)
     return stack[(slice(None),) + index[1:]]
@@ -373,11 +453,16 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
     (cfg, variables, report).
   """
   path = os.fspath(path)
-  raw = _read_config(path)
+  fn, raw = _read_config(path)
   overrides = dict(param_dtype=_dtype_name(dtype))
   overrides.update(config_overrides or {})
-  cfg = ModelConfig.from_hf(raw, **overrides)
+  cfg = _config(raw, fn, overrides)
+  block = _block_size(raw, fn)
+  interleaved = raw.get("rope_interleave", True)
+  if not isinstance(interleaved, bool):
+    raise CheckpointError(f"{fn}: field rope_interleave={safetensors_io.show(interleaved)} must be a bool")
   ckpt = safetensors_io.Checkpoint(path)
+  _check_sizes_against_files(cfg, ckpt, fn)
   present = _mtp_depths_present(cfg, ckpt.names())
   if present < cfg.num_nextn_predict_layers:
     warnings.warn(
@@ -386,7 +471,7 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
         f" is absent): loading with num_nextn_predict_layers={present}"
         + (" (MTP disabled)" if present == 0 else ""))
     cfg = cfg.replace(num_nextn_predict_layers=present)
-  block = _block_size(raw)
+  _check_table_size(cfg, ckpt, fn)
   if keep_fp8:
     if block[0] != block[1]:
       raise CheckpointError(f"quantization_config.weight_block_size={list(block)}: keep_fp8 needs square "
@@ -397,8 +482,7 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
   # FP8-stored variables: codes at the weight's key, scale_inv at the key with SCALE_SUFFIX.
   fp8_codes = {(k[0], k[1:]) for k in fp8_weights.fp8_layout(cfg)} if cfg.fp8_weights else set()
   fp8_scales = {(c, p[:-1] + (p[-1] + fp8_weights.SCALE_SUFFIX,)): (c, p) for c, p in fp8_codes}
-  skipped = _validate(ckpt, cfg, table, shapes, strict)
-  interleaved = bool(raw.get("rope_interleave", True))
+  skipped = _validate(ckpt, cfg, table, shapes, strict, block)
   shardings = _leaves(variable_shardings(cfg, mesh, rules)) if mesh is not None else None
 
   by_leaf = collections.defaultdict(list)
@@ -456,8 +540,10 @@ def load(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True,
     (cfg, variables) with variables in exactly `DeepSeekV3(cfg).init`'s structure ({'params', 'router'}).
   Raises:
     FileNotFoundError: no directory / config.json / safetensors files.
-    ValueError: unsupported model_type (from ModelConfig.from_hf).
-    CheckpointError: missing, misshapen or unexpected tensors, FP8 weights without their scale.
+    CheckpointError (a ValueError; one line naming the file and the field or tensor): a file named outside
+      the folder or not a regular file, a malformed index / header / config.json (bad JSON, wrong types,
+      non-finite or out-of-bounds values, byte ranges the file does not hold), a config larger than its
+      files, missing, misshapen or unexpected tensors, FP8 weights without their scale, non-finite weights.
   """
   cfg, variables, _ = load_with_report(path, dtype=dtype, mesh=mesh, rules=rules, strict=strict,
                                        progress=progress, config_overrides=config_overrides,

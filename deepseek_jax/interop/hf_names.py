@@ -14,7 +14,7 @@ copies of the main embedding and head (`alias` entries: written on save, skipped
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 from deepseek_jax.config import ModelConfig
 
@@ -91,31 +91,34 @@ def mtp_prefix(cfg: ModelConfig, depth: int) -> str:
   return f"model.layers.{cfg.num_hidden_layers + depth - 1}."
 
 
-def entries(cfg: ModelConfig) -> list[Entry]:
-  """Every HF tensor of cfg's checkpoint in file order (embedding, layers, norm, head, MTP layers)."""
-  out = [Entry("model.embed_tokens.weight", "params", ("embed_tokens", "embedding"))]
+def iter_entries(cfg: ModelConfig) -> Iterator[Entry]:
+  """`entries`, one at a time (a caller can stop early, e.g. when a config needs more than a file holds)."""
+  yield Entry("model.embed_tokens.weight", "params", ("embed_tokens", "embedding"))
   for i in range(cfg.num_hidden_layers):
-    out += _layer(cfg, f"model.layers.{i}.", (f"layers_{i}",), cfg.is_moe_layer(i), 0)
-  out.append(Entry("model.norm.weight", "params", ("norm", "weight")))
+    yield from _layer(cfg, f"model.layers.{i}.", (f"layers_{i}",), cfg.is_moe_layer(i), 0)
+  yield Entry("model.norm.weight", "params", ("norm", "weight"))
   if not cfg.tie_word_embeddings:
-    out.append(Entry("lm_head.weight", "params", ("lm_head", "kernel"), kind="linear"))
+    yield Entry("lm_head.weight", "params", ("lm_head", "kernel"), kind="linear")
   for k in range(1, cfg.num_nextn_predict_layers + 1):
     hf, fl = mtp_prefix(cfg, k), (f"mtp_{k - 1}",)
-    out += [Entry(hf + "enorm.weight", "params", fl + ("enorm", "weight"), mtp_depth=k),
-            Entry(hf + "hnorm.weight", "params", fl + ("hnorm", "weight"), mtp_depth=k),
-            Entry(hf + "eh_proj.weight", "params", fl + ("eh_proj", "kernel"), kind="linear", mtp_depth=k)]
-    out += _layer(cfg, hf, fl + ("block",), cfg.n_routed_experts is not None, k)
-    out += [Entry(hf + "shared_head.norm.weight", "params", fl + ("shared_head_norm", "weight"),
-                  mtp_depth=k),
-            Entry(hf + "embed_tokens.weight", "params", ("embed_tokens", "embedding"), alias=True,
-                  mtp_depth=k)]
+    yield Entry(hf + "enorm.weight", "params", fl + ("enorm", "weight"), mtp_depth=k)
+    yield Entry(hf + "hnorm.weight", "params", fl + ("hnorm", "weight"), mtp_depth=k)
+    yield Entry(hf + "eh_proj.weight", "params", fl + ("eh_proj", "kernel"), kind="linear", mtp_depth=k)
+    yield from _layer(cfg, hf, fl + ("block",), cfg.n_routed_experts is not None, k)
+    yield Entry(hf + "shared_head.norm.weight", "params", fl + ("shared_head_norm", "weight"), mtp_depth=k)
+    yield Entry(hf + "embed_tokens.weight", "params", ("embed_tokens", "embedding"), alias=True,
+                mtp_depth=k)
     if cfg.tie_word_embeddings:
-      out.append(Entry(hf + "shared_head.head.weight", "params", ("embed_tokens", "embedding"),
-                       alias=True, mtp_depth=k))
+      yield Entry(hf + "shared_head.head.weight", "params", ("embed_tokens", "embedding"), alias=True,
+                  mtp_depth=k)
     else:
-      out.append(Entry(hf + "shared_head.head.weight", "params", ("lm_head", "kernel"), kind="linear",
-                       alias=True, mtp_depth=k))
-  return out
+      yield Entry(hf + "shared_head.head.weight", "params", ("lm_head", "kernel"), kind="linear",
+                  alias=True, mtp_depth=k)
+
+
+def entries(cfg: ModelConfig) -> list[Entry]:
+  """Every HF tensor of cfg's checkpoint in file order (embedding, layers, norm, head, MTP layers)."""
+  return list(iter_entries(cfg))
 
 
 def scale_name(weight_name: str) -> str:

@@ -9,6 +9,13 @@ tensor's bytes into host memory, and a write pulls one tensor at a time from a p
 
 A checkpoint directory holds `model.safetensors`, or several files named by `model.safetensors.index.json`
 (`{"metadata": {"total_size"}, "weight_map": {name: file}}`), the layout transformers reads and writes.
+
+A checkpoint is untrusted input.  Every file it names must resolve (symlinks included) inside its folder
+(or, for a Hugging Face hub cache snapshot, inside the repository's `blobs/`) and be a regular file, checked
+with `stat` before it is opened; every header is validated whole (types, known dtype, shape x dtype = byte
+range, ranges inside the file and disjoint) before any tensor is read, so nothing is allocated for a size a
+file does not hold.  Every refusal is a `CheckpointError` whose one-line message names the file and the field
+or tensor.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
+import stat
 import struct
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -26,6 +35,9 @@ import numpy as np
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Largest JSON header / index / config.json read (the safetensors package's own header limit).
+MAX_JSON_BYTES = 100_000_000
+MAX_RANK = 32
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -37,6 +49,10 @@ DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that is malformed, unsafe, or does not fit its config (one line naming file and field)."""
+
+
 def dtype_name(dtype) -> str:
   """The safetensors dtype string ('F32', 'BF16', 'F8_E4M3', ...) of a NumPy / ml_dtypes / jnp dtype."""
   dt = np.dtype(dtype)
@@ -44,6 +60,128 @@ def dtype_name(dtype) -> str:
     raise ValueError(f"dtype {dt} has no safetensors name (known: {sorted(_NAMES.values())})")
   return _NAMES[dt]
 
+
+def show(value, limit: int = 80) -> str:
+  """repr of an untrusted value, its middle cut to keep `limit` characters (one line, whatever it holds)."""
+  r = repr(value)
+  return r if len(r) <= limit else r[:limit // 2] + "..." + r[-(limit // 2):]
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def _allowed_roots(root: str) -> list[str]:
+  """The real folders a checkpoint's files may live in: the folder, and for a hub cache snapshot
+  (`<repo>/snapshots/<revision>`, whose files link to `<repo>/blobs/`) that repository's blobs."""
+  real = os.path.realpath(root)
+  roots = [real]
+  parent = os.path.dirname(real)
+  if os.path.basename(parent) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(parent), "blobs"))
+  return roots
+
+
+def resolve_inside(root: str, name, where: str) -> str:
+  """The real path of file `name` of the checkpoint folder `root`, refused unless it resolves inside it.
+
+  Args:
+    root: the checkpoint folder.
+    name: a relative file name from the checkpoint (an index entry, a fixed name).
+    where: what names it, for the message (e.g. 'model.safetensors.index.json weight_map entry x').
+  Raises:
+    CheckpointError: not a string, absolute, or resolving (through '..' or symlinks) outside the folder.
+  """
+  if not isinstance(name, str) or not name or "\0" in name:
+    raise CheckpointError(f"{where}: file name {show(name)} is not a file name")
+  if os.path.isabs(name):
+    raise CheckpointError(f"{where}: file name {show(name)} is an absolute path; a checkpoint may only name "
+                          f"files inside its folder {root}")
+  real = os.path.realpath(os.path.join(root, name))
+  if real == os.path.realpath(root):
+    raise CheckpointError(f"{where}: file name {show(name)} names the checkpoint folder itself")
+  for r in _allowed_roots(root):
+    if os.path.commonpath([real, r]) == r:
+      return real
+  raise CheckpointError(f"{where}: file {show(name)} resolves outside the checkpoint folder {root} "
+                        "(through '..' or a symlink); refused")
+
+
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+
+
+def _kind(mode: int) -> str:
+  return next((k for test, k in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str, shown: Optional[str] = None):
+  """A binary file object of `path`, refused (without opening it for reading) unless it is a regular file.
+
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointError: a directory, FIFO, device, socket, or a file that cannot be opened.
+  """
+  shown = shown or path
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{shown}: no such file") from None
+  except OSError as e:
+    raise CheckpointError(f"{shown}: cannot stat ({e.strerror})") from None
+  if not stat.S_ISREG(st.st_mode):
+    raise CheckpointError(f"{shown} is {_kind(st.st_mode)}, not a regular file; refused")
+  try:  # O_NONBLOCK: a file swapped for a FIFO after the stat still cannot block the open
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+  except OSError as e:
+    raise CheckpointError(f"{shown}: cannot open ({e.strerror})") from None
+  f = os.fdopen(fd, "rb")
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    f.close()
+    raise CheckpointError(f"{shown} is not a regular file; refused")
+  return f
+
+
+def _no_duplicates(pairs):
+  d = {}
+  for k, v in pairs:
+    if k in d:
+      raise CheckpointError(f"key {show(k)} appears twice")
+    d[k] = v
+  return d
+
+
+def parse_json(raw: bytes, shown: str, *, unique_keys: bool = False):
+  """JSON of untrusted bytes; one CheckpointError line for bad UTF-8, bad JSON or too deep nesting."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{shown}: not UTF-8 text (byte {e.start})") from None
+  try:
+    return json.loads(text, object_pairs_hook=_no_duplicates if unique_keys else None)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{shown}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+  except RecursionError:
+    raise CheckpointError(f"{shown}: JSON nested too deeply") from None
+  except CheckpointError as e:
+    raise CheckpointError(f"{shown}: {e}") from None
+  except ValueError as e:  # e.g. an integer of more digits than Python converts
+    raise CheckpointError(f"{shown}: not valid JSON ({e})") from None
+
+
+def read_json(path: str, shown: Optional[str] = None, *, unique_keys: bool = False,
+              limit: int = MAX_JSON_BYTES):
+  """The parsed JSON of a regular file of at most `limit` bytes (see `parse_json`)."""
+  shown = shown or path
+  with open_regular(path, shown) as f:
+    size = os.fstat(f.fileno()).st_size
+    if size > limit:
+      raise CheckpointError(f"{shown}: {size} bytes, more than the {limit} a JSON file here may have")
+    raw = f.read(size + 1)  # read(n) allocates n bytes up front: ask for what the file holds
+  if len(raw) > limit:
+    raise CheckpointError(f"{shown}: more than the {limit} bytes a JSON file here may have")
+  return parse_json(raw, shown, unique_keys=unique_keys)
+
+
+# ------------------------------------------------------------------------------------------------ headers
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
@@ -60,67 +198,156 @@ class TensorInfo:
     return self.end - self.begin
 
 
-def read_header(path: str) -> tuple[int, dict]:
-  """(data section offset, parsed JSON header) of one safetensors file."""
-  with open(path, "rb") as f:
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_info(fn: str, shown: str, name: str, meta, data_size: int) -> TensorInfo:
+  where = f"{shown}: tensor {show(name)}"
+  if not isinstance(meta, Mapping):
+    raise CheckpointError(f"{where} is a {type(meta).__name__}, not an object with dtype, shape and "
+                          "data_offsets")
+  for key in ("dtype", "shape", "data_offsets"):
+    if key not in meta:
+      raise CheckpointError(f"{where} has no '{key}' field")
+  dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+  if not isinstance(dtype, str) or dtype not in DTYPES:
+    raise CheckpointError(f"{where}: field 'dtype' {show(dtype)} is not a known dtype ({sorted(DTYPES)})")
+  if (not isinstance(shape, list) or len(shape) > MAX_RANK
+      or not all(_is_int(n) and n >= 0 for n in shape)):
+    raise CheckpointError(f"{where}: field 'shape' {show(shape)} is not a list of at most {MAX_RANK} "
+                          "non-negative integers")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) and n >= 0 for n in offsets)):
+    raise CheckpointError(f"{where}: field 'data_offsets' {show(offsets)} is not two non-negative integers")
+  begin, end = offsets
+  if begin > end:
+    raise CheckpointError(f"{where}: field 'data_offsets' [{begin}, {end}] ends before it begins")
+  if end > data_size:
+    raise CheckpointError(f"{where}: field 'data_offsets' [{begin}, {end}] reaches past the "
+                          f"{data_size}-byte data section of the file")
+  need = math.prod(shape) * DTYPES[dtype].itemsize
+  if need != end - begin:
+    raise CheckpointError(f"{where}: shape {tuple(shape)} of {dtype} is {need} bytes, but field "
+                          f"'data_offsets' [{begin}, {end}] holds {end - begin}")
+  return TensorInfo(name, fn, dtype, tuple(shape), begin, end)
+
+
+def read_header(path: str, fn: Optional[str] = None, shown: Optional[str] = None):
+  """(data section offset, [TensorInfo]) of one safetensors file, its header validated whole.
+
+  Args:
+    path: the file (already resolved / checked by the caller, or trusted).
+    fn: the file's name in its checkpoint (TensorInfo.file); default the base name.
+    shown: how messages name the file; default `path`.
+  Raises:
+    CheckpointError: not a regular file, header length past the end of the file, header not UTF-8 JSON
+      of tensor objects, unknown dtype, malformed shape or data_offsets, byte ranges that do not match the
+      shape, lie outside the file or overlap.
+  """
+  fn = fn or os.path.basename(path)
+  shown = shown or path
+  with open_regular(path, shown) as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+      raise CheckpointError(f"{shown}: not a safetensors file (shorter than its 8-byte header length)")
     (n,) = struct.unpack("<Q", raw)
     size = os.fstat(f.fileno()).st_size
     if n > size - 8:
-      raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
-    header = json.loads(f.read(n))
-  return 8 + n, header
+      raise CheckpointError(f"{shown}: header length {n} exceeds the file size {size}")
+    if n > MAX_JSON_BYTES:
+      raise CheckpointError(f"{shown}: header length {n} exceeds the format's limit of {MAX_JSON_BYTES}")
+    header_raw = f.read(n)
+  if len(header_raw) != n:
+    raise CheckpointError(f"{shown}: the file ended inside its {n}-byte header")
+  header = parse_json(header_raw, f"{shown} header", unique_keys=True)
+  if not isinstance(header, Mapping):
+    raise CheckpointError(f"{shown}: header is a {type(header).__name__}, not an object of tensors")
+  data_size = size - 8 - n
+  infos = []
+  for name, meta in header.items():
+    if name == "__metadata__":
+      if meta is not None and not isinstance(meta, Mapping):
+        raise CheckpointError(f"{shown}: field '__metadata__' is a {type(meta).__name__}, not an object")
+      continue
+    infos.append(_tensor_info(fn, shown, name, meta, data_size))
+  previous = None
+  for t in sorted(infos, key=lambda t: (t.begin, t.end)):
+    if previous is not None and t.begin < previous.end:
+      raise CheckpointError(f"{shown}: tensors {show(previous.name)} (bytes {previous.begin}-{previous.end}) "
+                            f"and {show(t.name)} (bytes {t.begin}-{t.end}) overlap")
+    if t.end > t.begin:
+      previous = t
+  return 8 + n, infos
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+def _exists(path: str) -> bool:
+  return os.path.lexists(path)
 
 
 class Checkpoint:
   """The tensors of a checkpoint directory (single file, index + shards, or a set of *.safetensors).
 
-  Only headers are read on construction; `read(name)` copies one tensor into a NumPy array.
+  Only headers are read (and validated) on construction; `read(name)` copies one tensor into a NumPy array.
+  Raises FileNotFoundError for a missing folder or no safetensors file, CheckpointError for the rest.
   """
 
   def __init__(self, path: str):
     self.path = os.fspath(path)
+    if not os.path.isdir(self.path):
+      raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
     index = os.path.join(self.path, INDEX_FILE)
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
+    weight_map = None
+    if _exists(index):
+      resolve_inside(self.path, INDEX_FILE, index)
+      data = read_json(index, unique_keys=True)
+      weight_map = data.get("weight_map") if isinstance(data, Mapping) else None
       if not isinstance(weight_map, Mapping):
-        raise ValueError(f"{index}: no 'weight_map' object")
-      files = sorted(set(weight_map.values()))
-      for fn in files:
-        if not os.path.exists(os.path.join(self.path, fn)):
-          raise FileNotFoundError(f"{index} names shard {fn!r}, which is not in {self.path}")
-    elif os.path.exists(os.path.join(self.path, SINGLE_FILE)):
-      weight_map, files = None, [SINGLE_FILE]
+        raise CheckpointError(f"{index}: no 'weight_map' object")
+      first = {}
+      for name, fn in weight_map.items():
+        if not isinstance(fn, str):
+          raise CheckpointError(f"{index}: weight_map entry {show(name)} is a {type(fn).__name__}, not a "
+                                "file name")
+        first.setdefault(fn, name)
+      files = sorted(first)
+      where = {fn: f"{index}: weight_map entry {show(first[fn])}" for fn in files}
+    elif _exists(os.path.join(self.path, SINGLE_FILE)):
+      files = [SINGLE_FILE]
+      where = {SINGLE_FILE: os.path.join(self.path, SINGLE_FILE)}
     else:
-      files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.path, "*.safetensors")))
-      weight_map = None
+      files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(self.path),
+                                                                         "*.safetensors")))
       if not files:
         raise FileNotFoundError(f"no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file in {self.path}")
+      where = {fn: os.path.join(self.path, fn) for fn in files}
+    # Every file is checked to resolve inside the folder before any is opened.
+    self._real = {fn: resolve_inside(self.path, fn, where[fn]) for fn in files}
     self.files = files
     self.tensors: dict[str, TensorInfo] = {}
     self._data_start: dict[str, int] = {}
     for fn in files:
-      full = os.path.join(self.path, fn)
-      start, header = read_header(full)
+      shown = os.path.join(self.path, fn)
+      try:
+        start, infos = read_header(self._real[fn], fn, shown)
+      except FileNotFoundError:
+        if weight_map is None:
+          raise
+        raise CheckpointError(f"{where[fn]} names file {show(fn)}, which is not in {self.path}") from None
       self._data_start[fn] = start
-      for name, meta in header.items():
-        if name == "__metadata__":
-          continue
-        if name in self.tensors:
-          raise ValueError(f"tensor {name!r} appears in both {self.tensors[name].file} and {fn}")
-        if meta["dtype"] not in DTYPES:
-          raise ValueError(f"tensor {name!r} in {fn} has unsupported dtype {meta['dtype']!r}")
-        b, e = meta["data_offsets"]
-        self.tensors[name] = TensorInfo(name, fn, meta["dtype"], tuple(meta["shape"]), int(b), int(e))
+      for t in infos:
+        if t.name in self.tensors:
+          raise CheckpointError(f"tensor {show(t.name)} appears in both {self.tensors[t.name].file} and {fn}")
+        self.tensors[t.name] = t
     if weight_map is not None:
       for name, fn in weight_map.items():
         if name not in self.tensors:
-          raise ValueError(f"{INDEX_FILE} maps {name!r} to {fn}, which does not contain it")
+          raise CheckpointError(f"{index}: weight_map maps {show(name)} to {show(fn)}, which does not contain "
+                                "it")
         if self.tensors[name].file != fn:
-          raise ValueError(f"{INDEX_FILE} maps {name!r} to {fn}, but it is in {self.tensors[name].file}")
+          raise CheckpointError(f"{index}: weight_map maps {show(name)} to {show(fn)}, but it is in "
+                                f"{self.tensors[name].file}")
 
   def __contains__(self, name: str) -> bool:
     return name in self.tensors
@@ -138,18 +365,21 @@ class Checkpoint:
       raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.path}")
     t = self.tensors[name]
     dt = DTYPES[t.dtype]
-    count = int(np.prod(t.shape, dtype=np.int64))
-    if count * dt.itemsize != t.nbytes:
-      raise ValueError(f"tensor {name!r} in {t.file}: {t.nbytes} bytes for shape {t.shape} of {t.dtype}")
-    buf = bytearray(t.nbytes)
-    view = memoryview(buf)
-    with open(os.path.join(self.path, t.file), "rb") as f:
-      f.seek(self._data_start[t.file] + t.begin)
+    shown = os.path.join(self.path, t.file)
+    with open_regular(self._real[t.file], shown) as f:
+      offset = self._data_start[t.file] + t.begin
+      size = os.fstat(f.fileno()).st_size
+      if offset + t.nbytes > size:  # the file shrank since its header was read: allocate nothing
+        raise CheckpointError(f"{shown}: tensor {show(name)} needs bytes up to {offset + t.nbytes}, the file "
+                              f"has {size}")
+      buf = bytearray(t.nbytes)
+      view = memoryview(buf)
+      f.seek(offset)
       got = 0
       while got < t.nbytes:  # readinto may return short counts for reads over 2 GiB
         n = f.readinto(view[got:])
         if not n:
-          raise ValueError(f"tensor {name!r}: {t.file} ends after {got} of {t.nbytes} bytes")
+          raise CheckpointError(f"{shown}: tensor {show(name)}: the file ends after {got} of {t.nbytes} bytes")
         got += n
     return np.frombuffer(buf, dtype=dt).reshape(t.shape)
 
