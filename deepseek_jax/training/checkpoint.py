@@ -60,7 +60,9 @@ def _cause(e: BaseException) -> str:
     return os.strerror(int(m.group(1)))
   if isinstance(e, OSError) and e.strerror:
     return e.strerror
-  text = text.split("[tensorstore_spec", 1)[0].strip().splitlines()
+  for cut in ("[tensorstore_spec", "See full TensorStore details"):
+    text = text.split(cut, 1)[0]
+  text = text.strip().splitlines()
   return f"{type(e).__name__}: {(text[0] if text else '')[:200]}"
 
 
@@ -147,11 +149,13 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def _intact_note(self, failed_step: int) -> str:
-    older = [s for s in self.all_steps() if s < failed_step and s not in self.damaged]
+  def intact_note(self, failed_step: Optional[int] = None) -> str:
+    """'the previous checkpoint DIR/STEP is intact' (the newest before failed_step), for error messages."""
+    older = [s for s in self.all_steps()
+             if (failed_step is None or s < failed_step) and s not in self.damaged]
     if older:
-      return f"the previous checkpoint {self._path(older[-1])} is intact"
-    return "no earlier checkpoint exists"
+      return f"the {'newest' if failed_step is None else 'previous'} checkpoint {self._path(older[-1])} is intact"
+    return "no earlier checkpoint exists" if failed_step is not None else "there is no checkpoint yet"
 
   def _finish(self) -> None:
     """Waits for the pending save and seals it; a failure raises CheckpointError once."""
@@ -162,14 +166,14 @@ class Checkpointer:
       self._failed = True
       target = self._path(step) if step is not None else self.directory
       raise CheckpointError(f"writing checkpoint {target} failed ({_cause(e)}); "
-                            f"{self._intact_note(step if step is not None else 1 << 62)}") from e
+                            f"{self.intact_note(step)}") from e
     if step is not None and jax.process_index() == 0:
       try:
         self.seal(step)
       except OSError as e:
         self._failed = True
         raise CheckpointError(f"writing the checksums of checkpoint {self._path(step)} failed ({_cause(e)}); "
-                              f"{self._intact_note(step)}") from e
+                              f"{self.intact_note(step)}") from e
 
   def seal(self, step: int) -> None:
     """Writes the SHA-256 of every file of a finished step into its checksums.json (atomically)."""
@@ -238,7 +242,7 @@ class Checkpointer:
         self._failed = True
         raise CheckpointError(f"not writing checkpoint {self._path(step)}: {free / 2**20:.1f} MiB free on its "
                               f"filesystem, the last checkpoint took {need / 2**20:.1f} MiB; "
-                              f"{self._intact_note(step)}")
+                              f"{self.intact_note(step)}")
     self._pending = step
     try:
       return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -247,7 +251,7 @@ class Checkpointer:
       self._pending = None
       self._failed = True
       raise CheckpointError(f"writing checkpoint {self._path(step)} failed ({_cause(e)}); "
-                            f"{self._intact_note(step)}") from e
+                            f"{self.intact_note(step)}") from e
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Reads one checkpoint, after checking its checksums.

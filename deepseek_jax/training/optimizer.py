@@ -255,7 +255,7 @@ def check_optimizer_config(config) -> None:
     if not ok(v):
       raise UserError(f"config.{name}={v!r} must be {want}")
 
-  check("optimizer.lr", lambda v: v > 0, "> 0")
+  check("optimizer.lr", lambda v: 0 < v <= float(jnp.finfo(jnp.float32).max), "> 0 and finite in float32")
   for name in ("optimizer.b1", "optimizer.b2"):
     check(name, lambda v: 0 <= v < 1, "in [0, 1)")
   check("optimizer.eps", lambda v: v > 0, "> 0")

@@ -426,14 +426,25 @@ def _train(config, workdir, init_from, cfg, schedules, current, t_start) -> dict
     return _loop(config, workdir, model, ds, ckpt, writer, batches, train_step, eval_step, schedules, state,
                  start_step, skipped_at_start, quantum, seq_len, eval_batch, batch_sharding, mesh, is_main,
                  t_start)
+  except OSError as e:  # writing metrics, the tokenizer, samples... (a full disk)
+    raise UserError(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
+                    f"{ckpt.intact_note()}") from e
   finally:
-    if writer is not None:
-      writer.close()
+    # A failure already propagating is the one to report: closing after it may fail the same way.
+    propagating = sys.exc_info()[0] is not None
     try:
-      ckpt.close()
-    except CheckpointError:
-      if sys.exc_info()[0] is None:   # a failure already propagating is the one to report
-        raise
+      if writer is not None:
+        writer.close()
+    except OSError as e:
+      if not propagating:
+        raise UserError(f"cannot write {e.filename or workdir} ({e.strerror or e}); "
+                        f"{ckpt.intact_note()}") from e
+    finally:
+      try:
+        ckpt.close()
+      except CheckpointError:
+        if not propagating:
+          raise
 
 
 def _loop(config, workdir, model, ds, ckpt, writer, batches, train_step, eval_step, schedules, state,
