@@ -240,8 +240,8 @@ class Checkpointer:
       free = shutil.disk_usage(self.directory).free
       if free < need:
         self._failed = True
-        raise CheckpointError(f"not writing checkpoint {self._path(step)}: {free / 2**20:.1f} MiB free on its "
-                              f"filesystem, the last checkpoint took {need / 2**20:.1f} MiB; "
+        raise CheckpointError(f"not writing checkpoint {self._path(step)}: {free / 2**20:.2f} MiB free on its "
+                              f"filesystem, the last checkpoint took {need / 2**20:.2f} MiB; "
                               f"{self.intact_note(step)}")
     self._pending = step
     try:

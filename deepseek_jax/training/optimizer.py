@@ -242,9 +242,9 @@ def _number(config, name: str) -> float:
 def check_optimizer_config(config) -> None:
   """Checks the optimizer's and the schedules' values of an experiment ConfigDict before anything runs.
 
-  lr > 0; b1, b2 in [0, 1); eps > 0; weight_decay, clip_norm (0 = no clipping), min_lr_ratio,
-  final_lr_ratio, the MTP weights, balance.alpha and balance.gamma >= 0; every fraction in [0, 1] with
-  warmup_fraction <= constant_until <= cosine_until <= tail_until; batch_ramp.start_fraction in (0, 1].
+  lr >= 0 (0: the parameters keep their values) and finite in float32; b1, b2 in [0, 1); eps > 0;
+  weight_decay, clip_norm (0 = no clipping), min_lr_ratio, final_lr_ratio, the MTP weights, balance.alpha
+  and balance.gamma >= 0; every fraction in [0, 1] with warmup_fraction <= constant_until <= cosine_until <= tail_until; batch_ramp.start_fraction in (0, 1].
   All finite.
 
   Raises:
@@ -255,7 +255,7 @@ def check_optimizer_config(config) -> None:
     if not ok(v):
       raise UserError(f"config.{name}={v!r} must be {want}")
 
-  check("optimizer.lr", lambda v: 0 < v <= float(jnp.finfo(jnp.float32).max), "> 0 and finite in float32")
+  check("optimizer.lr", lambda v: 0 <= v <= float(jnp.finfo(jnp.float32).max), ">= 0 and finite in float32")
   for name in ("optimizer.b1", "optimizer.b2"):
     check(name, lambda v: 0 <= v < 1, "in [0, 1)")
   check("optimizer.eps", lambda v: v > 0, "> 0")
