@@ -244,8 +244,8 @@ def check_optimizer_config(config) -> None:
 
   lr >= 0 (0: the parameters keep their values) and finite in float32; b1, b2 in [0, 1); eps > 0;
   weight_decay, clip_norm (0 = no clipping), min_lr_ratio, final_lr_ratio, the MTP weights, balance.alpha
-  and balance.gamma >= 0; every fraction in [0, 1] with warmup_fraction <= constant_until <= cosine_until <= tail_until; batch_ramp.start_fraction in (0, 1].
-  All finite.
+  and balance.gamma >= 0; every fraction in [0, 1] with warmup_fraction <= constant_until <= cosine_until
+  <= tail_until; batch_ramp.start_fraction in (0, 1]. All finite.
 
   Raises:
     UserError: naming the first field that is out of range.
