@@ -218,8 +218,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> bool:
     """Starts saving (asynchronously) state and meta as `step`; a step already saved is left alone.
 
-    The previous save is finished and sealed first. Before writing, the free space is compared with the
-    size of the newest checkpoint.
+    The previous save is finished and sealed first. Before writing (single-process runs), the free space is
+    compared with the size of the newest checkpoint.
 
     Args:
       step: the step number (the directory name).
@@ -234,7 +234,7 @@ class Checkpointer:
     steps = self.all_steps()
     if step in steps:
       return False
-    if steps:
+    if steps and jax.process_count() == 1:  # processes deciding apart would leave orbax's barriers waiting
       need = sum(os.path.getsize(os.path.join(self._path(steps[-1]), rel))
                  for rel in _step_files(self._path(steps[-1])))
       free = shutil.disk_usage(self.directory).free
@@ -321,7 +321,8 @@ class Checkpointer:
 
   def poll(self) -> None:
     """Seals the pending save if orbax has finished it (cheap; the step loop calls it every step)."""
-    if self._pending is not None and not self._manager.is_saving_in_progress():
+    # Processes would see their saves finish at different steps: multi-process runs seal at the next save.
+    if jax.process_count() == 1 and self._pending is not None and not self._manager.is_saving_in_progress():
       self._finish()
 
   def reload(self) -> None:
