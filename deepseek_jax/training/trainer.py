@@ -69,11 +69,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def _check_config(config) -> None:
-  for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-    v = config[name]
-    if not isinstance(v, int) or v < 1:
-      raise UserError(f"config.{name}={v!r} must be a positive integer")
-  for name in ("eval_batches",):
+  for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
     v = config[name]
     if not isinstance(v, int) or v < 1:
       raise UserError(f"config.{name}={v!r} must be a positive integer")
