@@ -60,8 +60,9 @@ def main(argv):
     sys.exit(1)
   if distributed.is_main_process():
     parts = [f"step {summary['step']}"]
-    for key, fmt in (("first_loss", "first loss {:.4f}"), ("last_loss", "last loss {:.4f}"),
-                     ("eval_loss", "held-out loss {:.4f}"), ("eval_bpb", "held-out bits/byte {:.4f}"),
+    if summary.get("last_ce") is not None:
+      parts.append(f"train cross-entropy {summary['first_ce']:.4f} -> {summary['last_ce']:.4f}")
+    for key, fmt in (("eval_loss", "held-out cross-entropy {:.4f}"), ("eval_bpb", "held-out bits/byte {:.4f}"),
                      ("tokens_per_sec", "{:.0f} tokens/s"), ("wall_s", "{:.1f} s")):
       if summary.get(key) is not None:
         parts.append(fmt.format(summary[key]))

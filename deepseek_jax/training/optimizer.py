@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from deepseek_jax.training.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedules:
@@ -226,3 +228,46 @@ def schedules_from_config(config) -> Schedules:
       batch_size=int(config.batch_size), ramp=bool(config.batch_ramp.enabled),
       ramp_start_fraction=float(config.batch_ramp.start_fraction),
       ramp_fraction=float(config.batch_ramp.ramp_fraction))
+
+
+def _number(config, name: str) -> float:
+  node = config
+  for part in name.split("."):
+    node = node[part]
+  if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+    raise UserError(f"config.{name}={node!r} must be a finite number")
+  return float(node)
+
+
+def check_optimizer_config(config) -> None:
+  """Checks the optimizer's and the schedules' values of an experiment ConfigDict before anything runs.
+
+  lr >= 0 (0: the parameters keep their values) and finite in float32; b1, b2 in [0, 1); eps > 0;
+  weight_decay, clip_norm (0 = no clipping), min_lr_ratio, final_lr_ratio, the MTP weights, balance.alpha
+  and balance.gamma >= 0; every fraction in [0, 1] with warmup_fraction <= constant_until <= cosine_until
+  <= tail_until; batch_ramp.start_fraction in (0, 1]. All finite.
+
+  Raises:
+    UserError: naming the first field that is out of range.
+  """
+  def check(name, ok, want):
+    v = _number(config, name)
+    if not ok(v):
+      raise UserError(f"config.{name}={v!r} must be {want}")
+
+  check("optimizer.lr", lambda v: 0 <= v <= float(jnp.finfo(jnp.float32).max), ">= 0 and finite in float32")
+  for name in ("optimizer.b1", "optimizer.b2"):
+    check(name, lambda v: 0 <= v < 1, "in [0, 1)")
+  check("optimizer.eps", lambda v: v > 0, "> 0")
+  for name in ("optimizer.weight_decay", "optimizer.clip_norm", "optimizer.min_lr_ratio",
+               "optimizer.final_lr_ratio", "mtp.lambda_early", "mtp.lambda_late", "balance.alpha",
+               "balance.gamma"):
+    check(name, lambda v: v >= 0, ">= 0")
+  phases = ("optimizer.warmup_fraction", "optimizer.constant_until", "optimizer.cosine_until",
+            "optimizer.tail_until")
+  for name in phases + ("mtp.switch_fraction", "balance.gamma_until", "batch_ramp.ramp_fraction"):
+    check(name, lambda v: 0 <= v <= 1, "in [0, 1]")
+  for a, b in zip(phases, phases[1:]):
+    if _number(config, a) > _number(config, b):
+      raise UserError(f"config.{a}={_number(config, a)} must be <= config.{b}={_number(config, b)}")
+  check("batch_ramp.start_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
