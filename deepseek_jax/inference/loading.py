@@ -5,7 +5,8 @@
   The checkpoint does not record the ModelConfig, so it comes from the experiment config the run was
   trained with, or from an HF-style DIR/config.json when one is there.  Only the model variables
   ({'params', 'router'}) are kept from the train state; they are checked against the model's own shapes.
-- HF checkpoint: `deepseek_jax.interop.hf.load`.
+- HF checkpoint: `deepseek_jax.interop.hf.load`; the tokenizer saved beside it, if any.
+- The project's model checkpoint (`deepseek_jax.interop.orbax_io`); the tokenizer saved beside it, if any.
 - A preset with random weights (demos and benchmarks).
 """
 
@@ -116,8 +117,10 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   Args:
     workdir: a training run directory (newest checkpoint; its tokenizer unless `tokenizer` is given).
     experiment_config: with workdir, the experiment ConfigDict of the run (gives the ModelConfig).
-    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); its tokenizer.json if present.
-    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`).
+    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); the tokenizer saved in it, if any
+      (`deepseek_jax.data.find_tokenizer`).
+    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`); the tokenizer
+      saved in it, if any.
     preset: a ModelConfig preset with random weights (seeded by `seed`); with the byte tokenizer (the
       training default) when its vocabulary fits.
     tokenizer: a tokenizer path for `deepseek_jax.data.load_tokenizer` (overrides the source's own).
@@ -127,7 +130,7 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   Raises:
     ValueError: no source or several; FileNotFoundError: missing files.
   """
-  from deepseek_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.data import find_tokenizer, load_tokenizer  # pylint: disable=g-import-not-at-top
   sources = {"workdir": workdir, "hf_dir": hf_dir, "orbax_dir": orbax_dir, "preset (random init)": preset}
   given = [k for k, v in sources.items() if v]
   if len(given) != 1:
@@ -144,11 +147,13 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   elif hf_dir:
     from deepseek_jax.interop import hf  # pylint: disable=g-import-not-at-top
     cfg, variables = hf.load(hf_dir)
-    if tokenizer is None and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-      tok = load_tokenizer(hf_dir)
+    if tokenizer is None:
+      tok = find_tokenizer(hf_dir)
   elif orbax_dir:
     from deepseek_jax.interop import orbax_io  # pylint: disable=g-import-not-at-top
     cfg, variables = orbax_io.load_variables(orbax_dir)
+    if tokenizer is None:
+      tok = find_tokenizer(orbax_dir)
   else:
     cfg = ModelConfig.preset(preset)
     variables = init_variables(cfg, seed)

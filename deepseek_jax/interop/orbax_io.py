@@ -2,6 +2,8 @@
 
     DIR/model_config.json   every ModelConfig field (dataclasses.asdict), read back with ModelConfig(**d)
     DIR/variables/          the variables pytree ({'params', 'router'}) written by orbax StandardCheckpointer
+    DIR/tokenizer*.json     optional: the model's tokenizer, as its `save(DIR)` writes it (read back with
+                            `deepseek_jax.data.find_tokenizer`)
 
 This is what `python -m experiments.convert` writes from an HF checkpoint and what training (`--init_from`)
 and generation read.  Restoring can place every array straight onto a mesh (orbax reads each shard).
@@ -29,13 +31,14 @@ def config_to_dict(cfg: ModelConfig) -> dict:
   return dataclasses.asdict(cfg)
 
 
-def save_variables(directory, cfg: ModelConfig, variables) -> str:
+def save_variables(directory, cfg: ModelConfig, variables, tokenizer=None) -> str:
   """Writes cfg and variables under `directory` (created; must not already hold a checkpoint).
 
   Args:
     directory: output directory.
     cfg: the model config.
     variables: the model's variables (jax or NumPy arrays, any sharding).
+    tokenizer: optional `deepseek_jax.data` tokenizer saved beside them.
   Returns:
     The absolute directory.
   """
@@ -50,6 +53,8 @@ def save_variables(directory, cfg: ModelConfig, variables) -> str:
   ckptr.close()
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(config_to_dict(cfg), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save(directory)
   return directory
 
 
