@@ -156,9 +156,18 @@ def _flag_error_message(e: BaseException) -> str:
                     and "site-packages" not in f]
     where = f" ({config_files[-1]})" if config_files else ""
     return f"{head}: {lines[-1].strip()}{where}"
+  if isinstance(e, flags.UnrecognizedFlagError):
+    for name in _CONFIG_FLAGS:
+      if e.flagname.startswith(name + "."):
+        return f"--{e.flagname}: a config override needs a config file (--{name}=FILE)"
   where = _config_file_frame(e)
   if where:
     return f"{where}: {type(e).__name__}: {one_line(text)}"
+  loading = [name for name in _CONFIG_FLAGS if _config_value(name, argv) or _CONFIG_FLAGS[name]]
+  if loading and any(f.name == "parse" and f.filename.endswith("config_flags.py")
+                     for f in traceback.extract_tb(e.__traceback__)):
+    name = loading[0]
+    return f"--{name}={_config_value(name, argv) or _CONFIG_FLAGS[name]}: {type(e).__name__}: {one_line(text)}"
   if isinstance(e, flags.Error):
     return one_line(text)
   return f"{type(e).__name__}: {one_line(text)}" if text else type(e).__name__
@@ -199,11 +208,16 @@ def _parse_flags(argv):
       if problem:
         fail(problem)
   try:
-    return flags.FLAGS(argv)
+    args = flags.FLAGS(argv)
   except BrokenPipeError:   # --help into a closed pipe
     raise
   except Exception as e:  # pylint: disable=broad-except
     fail(_flag_error_message(e))
+  for name, default in _CONFIG_FLAGS.items():
+    value = _config_value(name, argv) or default
+    if value and flags.FLAGS[name].value is None:
+      fail(f"--{name}={value}: get_config() returned None")
+  return args
 
 
 def run(main: Callable, argv=None) -> NoReturn:

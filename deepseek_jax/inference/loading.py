@@ -71,7 +71,8 @@ def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optio
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist")
+    raise FileNotFoundError(f"workdir {workdir} " + ("is not a directory" if os.path.exists(workdir)
+                                                      else "does not exist"))
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoints directory in the workdir")

@@ -141,6 +141,7 @@ def test_transformers_reads_a_checkpoint_with_mtp(tmp_path, tiny_cfg):
 def test_orbax_roundtrip_and_convert_cli(tmp_path, tiny_cfg):
   _, variables = _random_model(tiny_cfg, seed=9)
   hf.save(tmp_path / "hf", tiny_cfg, variables)
+  dsj.data.ByteTokenizer().save(tmp_path / "hf")   # the tokenizer goes along both ways
   orbax_io.save_variables(tmp_path / "direct", tiny_cfg, variables)
   cfg, restored = orbax_io.load_variables(tmp_path / "direct")
   assert cfg == tiny_cfg
@@ -156,8 +157,10 @@ def test_orbax_roundtrip_and_convert_cli(tmp_path, tiny_cfg):
   cfg2, converted = orbax_io.load_variables(tmp_path / "orbax")
   assert cfg2 == tiny_cfg
   _tree_equal(converted, variables)
+  assert isinstance(dsj.data.find_tokenizer(tmp_path / "orbax"), dsj.data.ByteTokenizer)
   r = run("--to_hf", f"--orbax_dir={tmp_path / 'orbax'}", f"--out={tmp_path / 'back'}")
   assert r.returncode == 0, r.stderr[-3000:]
+  assert isinstance(dsj.data.find_tokenizer(tmp_path / "back"), dsj.data.ByteTokenizer)
   a, b = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "back")
   assert sorted(a) == sorted(b)
   for name in a:
