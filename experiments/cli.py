@@ -115,14 +115,16 @@ def _override_flag(key: str, argv) -> Optional[str]:
   return None
 
 
+def _config_files() -> dict[str, str]:
+  """{flag name: its config file's value} of the config flags given or with a default."""
+  argv = _argv()
+  values = {name: _config_value(name, argv) or default for name, default in _CONFIG_FLAGS.items()}
+  return {name: value for name, value in values.items() if value}
+
+
 def _config_file_frame(e: BaseException) -> Optional[str]:
   """'FILE:LINE' of the innermost frame of e's traceback in one of the config files given, if any."""
-  argv = _argv()
-  files = set()
-  for name, default in _CONFIG_FLAGS.items():
-    value = _config_value(name, argv) or default
-    if value:
-      files.add(os.path.abspath(value.split(":", 1)[0]))
+  files = {os.path.abspath(v.split(":", 1)[0]) for v in _config_files().values()}
   if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) in files:
     return f"{e.filename}:{e.lineno}"
   where = None
@@ -151,11 +153,10 @@ def _flag_error_message(e: BaseException) -> str:
   if "Error whilst parsing config file" in text:
     lines = [l for l in text.splitlines() if l.strip()]
     head = lines[0].split(": Error whilst parsing config file")[0]
-    files = re.findall(r'File "([^"]+)", line (\d+)', text)
-    config_files = [f"{f}:{n}" for f, n in files if not f.startswith("<") and "ml_collections" not in f
-                    and "site-packages" not in f]
-    where = f" ({config_files[-1]})" if config_files else ""
-    return f"{head}: {lines[-1].strip()}{where}"
+    files = {os.path.abspath(v.split(":", 1)[0]) for v in _config_files().values()}
+    frames = [f"{f}:{n}" for f, n in re.findall(r'File "([^"]+)", line (\d+)', text)
+              if os.path.abspath(f) in files]
+    return f"{head}: {lines[-1].strip()}" + (f" ({frames[-1]})" if frames else "")
   if isinstance(e, flags.UnrecognizedFlagError):
     for name in _CONFIG_FLAGS:
       if e.flagname.startswith(name + "."):
@@ -163,11 +164,11 @@ def _flag_error_message(e: BaseException) -> str:
   where = _config_file_frame(e)
   if where:
     return f"{where}: {type(e).__name__}: {one_line(text)}"
-  loading = [name for name in _CONFIG_FLAGS if _config_value(name, argv) or _CONFIG_FLAGS[name]]
+  loading = _config_files()
   if loading and any(f.name == "parse" and f.filename.endswith("config_flags.py")
                      for f in traceback.extract_tb(e.__traceback__)):
-    name = loading[0]
-    return f"--{name}={_config_value(name, argv) or _CONFIG_FLAGS[name]}: {type(e).__name__}: {one_line(text)}"
+    name, value = next(iter(loading.items()))   # raised while ml_collections loaded a config file
+    return f"--{name}={value}: {type(e).__name__}: {one_line(text)}"
   if isinstance(e, flags.Error):
     return one_line(text)
   return f"{type(e).__name__}: {one_line(text)}" if text else type(e).__name__
@@ -213,15 +214,14 @@ def _parse_flags(argv):
     raise
   except Exception as e:  # pylint: disable=broad-except
     fail(_flag_error_message(e))
-  for name, default in _CONFIG_FLAGS.items():
-    value = _config_value(name, argv) or default
-    if value and flags.FLAGS[name].value is None:
+  for name, value in _config_files().items():
+    if flags.FLAGS[name].value is None:
       fail(f"--{name}={value}: get_config() returned None")
   return args
 
 
-def run(main: Callable, argv=None) -> NoReturn:
-  """`absl.app.run(main)` with every user's mistake reported as one line and exit status 2."""
+def run(main: Callable) -> NoReturn:
+  """`absl.app.run(main)` on sys.argv with every user's mistake reported as one line and exit status 2."""
 
   def wrapped(args):
     if not flags.FLAGS["verbosity"].present:
@@ -231,4 +231,4 @@ def run(main: Callable, argv=None) -> NoReturn:
     except user_error_types() as e:  # pylint: disable=catching-non-exception
       fail(describe(e))
 
-  app.run(wrapped, argv=argv, flags_parser=_parse_flags)
+  app.run(wrapped, flags_parser=_parse_flags)

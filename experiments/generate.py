@@ -1,7 +1,7 @@
 r"""Generates text with a DeepSeek-V3-style model, streaming it as it is decoded.
 
-  python -m experiments.generate --workdir=/tmp/run --config=experiments/configs/tiny.py --prompt="def "
-  python -m experiments.generate --hf_dir=DeepSeek-V3 --tokenizer=DeepSeek-V3 --prompt="Hello" --speculative
+  python -m experiments.generate --workdir=/tmp/run --prompt="def "
+  python -m experiments.generate --hf_dir=DeepSeek-V3 --prompt="Hello" --speculative
   python -m experiments.generate --orbax_dir=ckpt/v3 --tokenizer=DeepSeek-V3 --prompt_ids=1,2,3
   python -m experiments.generate --preset=tiny --random_init --prompt="abc" --speculative
 

@@ -146,6 +146,18 @@ def test_orbax_roundtrip_and_convert_cli(tmp_path, tiny_cfg):
   cfg, restored = orbax_io.load_variables(tmp_path / "direct")
   assert cfg == tiny_cfg
   _tree_equal(restored, variables)
+  # A model_config.json that is not the model's, or not a config at all, is named in one ValueError.
+  config_file = tmp_path / "direct" / orbax_io.CONFIG_FILE
+  saved = json.loads(config_file.read_text())
+  for change, match in (({"num_hidden_layers": 2}, "cannot restore the variables"),
+                        ({"bogus": 1}, r"\['bogus'\] are not ModelConfig fields"),
+                        ({"hidden_size": -1}, "hidden_size=-1")):
+    config_file.write_text(json.dumps(dict(saved, **change)))
+    with pytest.raises(ValueError, match=match):
+      orbax_io.load_variables(tmp_path / "direct")
+  config_file.write_text("[1]")
+  with pytest.raises(ValueError, match="expected a JSON object"):
+    orbax_io.load_variables(tmp_path / "direct")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   run = lambda *args: subprocess.run([sys.executable, "-m", "experiments.convert", *args], cwd=REPO, env=env,
                                      capture_output=True, text=True, timeout=300)
