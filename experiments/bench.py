@@ -25,7 +25,6 @@ SUITES = {
 }
 
 
-
 def _suite_help() -> str:
   """One line per suite: the first line of its module's docstring (read without importing it)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

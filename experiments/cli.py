@@ -164,13 +164,13 @@ def _flag_error_message(e: BaseException) -> str:
   where = _config_file_frame(e)
   if where:
     return f"{where}: {type(e).__name__}: {one_line(text)}"
+  if isinstance(e, flags.Error):
+    return one_line(text)
   loading = _config_files()
   if loading and any(f.name == "parse" and f.filename.endswith("config_flags.py")
                      for f in traceback.extract_tb(e.__traceback__)):
     name, value = next(iter(loading.items()))   # raised while ml_collections loaded a config file
     return f"--{name}={value}: {type(e).__name__}: {one_line(text)}"
-  if isinstance(e, flags.Error):
-    return one_line(text)
   return f"{type(e).__name__}: {one_line(text)}" if text else type(e).__name__
 
 

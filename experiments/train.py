@@ -27,8 +27,10 @@ _CONFIG = cli.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py"),
     "experiment config file (a get_config() module; experiments/configs/); --config.FIELD=VALUE overrides "
     "any field of deepseek_jax.training.default_config()")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, tokenizer)")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "start from this converted checkpoint directory")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (required): checkpoints/, metrics.jsonl, "
+                                "tokenizer/, the model's config.json; an existing run resumes")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "start from the weights of this orbax model checkpoint "
+                                 "(experiments.convert; ignored when the workdir has a checkpoint)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "multi-host run: start jax.distributed, detecting the cluster (SLURM, Open MPI, "
                                  "env COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID)")

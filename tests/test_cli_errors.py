@@ -44,7 +44,8 @@ def _case(tmp_path, name):
     bad.write_text("def get_config():\n  return undefined_name\n")
     return "experiments.train", [f"--workdir={workdir}", f"--config={bad}"], f"{bad}:2: NameError"
   if name == "wrong_type":
-    return "experiments.train", [f"--workdir={workdir}", "--config.steps=abc"], "--config.steps=abc"
+    return "experiments.train", [f"--workdir={workdir}", "--config.steps=abc"], \
+        "flag --config.steps=abc: invalid literal for int()"
   if name == "workdir_is_a_file":
     (tmp_path / "file").write_text("")
     return "experiments.train", [f"--workdir={tmp_path}/file"], f"--workdir={tmp_path}/file"

@@ -1,8 +1,8 @@
 """Kernel benchmark: each Pallas kernel against its XLA counterpart (on CPU: interpret mode, not kernel speed).
 
 On CPU the Pallas kernels run in interpret mode (`kernels._common.resolve_interpret`): the kernel body is
-evaluated op by op as XLA ops, so its times say that the kernel runs, not how fast it would compile; every
-printed line and the JSON (`interpret`, and `mode` per row) say so.
+evaluated op by op as XLA ops, so its times show that the kernel runs, not how fast it is compiled for a
+GPU; every printed line and the JSON (`interpret`, and `mode` per row) say so.
 
 Cases (DeepSeek-V3 shapes on GPU, small shapes on CPU or with --small):
   * prefill flash attention, causal bf16, forward and forward+backward, vs the jnp reference and
