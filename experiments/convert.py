@@ -81,7 +81,7 @@ def _check_flags():
 
 def to_hf():
   """--to_hf: (summary) after writing the HF checkpoint and the source's tokenizer."""
-  from deepseek_jax.data import find_tokenizer  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from deepseek_jax.interop import hf, orbax_io, safetensors_io  # pylint: disable=g-import-not-at-top
   try:   # a bad size fails before the load
     ok = safetensors_io.parse_size(FLAGS.max_shard_size) > 0
@@ -92,13 +92,12 @@ def to_hf():
                          "500MB or 1000000 (bytes)")
   summary = dict(direction="orbax->hf")
   if FLAGS.workdir:
-    from deepseek_jax.inference import loading  # pylint: disable=g-import-not-at-top
     cfg, variables, step = loading.load_workdir(FLAGS.workdir, step=FLAGS.step)
-    tokenizer = find_tokenizer(os.path.join(FLAGS.workdir, "tokenizer"))
+    tokenizer = loading.saved_tokenizer(os.path.join(FLAGS.workdir, "tokenizer"))
     summary.update(direction="run->hf", step=step)
   else:
+    tokenizer = loading.saved_tokenizer(FLAGS.orbax_dir)
     cfg, variables = orbax_io.load_variables(FLAGS.orbax_dir)
-    tokenizer = find_tokenizer(FLAGS.orbax_dir)
   files = hf.save(FLAGS.out, cfg, variables, fp8=FLAGS.fp8, dtype=FLAGS.dtype,
                   max_shard_size=FLAGS.max_shard_size, progress=True)
   if tokenizer is not None:
@@ -110,9 +109,9 @@ def to_hf():
 
 def from_hf():
   """HF -> orbax: (summary) after writing the orbax checkpoint and the HF directory's tokenizer."""
-  from deepseek_jax.data import find_tokenizer  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from deepseek_jax.interop import hf, orbax_io  # pylint: disable=g-import-not-at-top
-  tokenizer = find_tokenizer(FLAGS.hf_dir) if os.path.isdir(FLAGS.hf_dir) else None
+  tokenizer = loading.saved_tokenizer(FLAGS.hf_dir) if os.path.isdir(FLAGS.hf_dir) else None
   cfg, variables, report = hf.load_with_report(FLAGS.hf_dir, dtype=FLAGS.dtype or "float32", mesh=_mesh(),
                                                strict=FLAGS.strict, progress=True)
   orbax_io.save_variables(FLAGS.out, cfg, variables, tokenizer=tokenizer)

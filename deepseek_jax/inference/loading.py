@@ -110,6 +110,16 @@ def load_workdir_tokenizer(workdir: str):
   return load_tokenizer(path)
 
 
+def saved_tokenizer(directory: str):
+  """The tokenizer saved in a checkpoint folder (HF, or the project's model checkpoint), or None.
+
+  What `deepseek_jax.data.find_tokenizer` finds there: a tokenizer.json, or a byte tokenizer's
+  tokenizer_config.json (`experiments.convert` saves the source's tokenizer beside what it writes).
+  """
+  from deepseek_jax.data import find_tokenizer  # pylint: disable=g-import-not-at-top
+  return find_tokenizer(directory)
+
+
 def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None,
                         hf_dir: Optional[str] = None, orbax_dir: Optional[str] = None,
                         preset: Optional[str] = None, tokenizer: Optional[str] = None, seed: int = 0):
@@ -118,10 +128,9 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   Args:
     workdir: a training run directory (newest checkpoint; its tokenizer unless `tokenizer` is given).
     experiment_config: with workdir, the experiment ConfigDict of the run (gives the ModelConfig).
-    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); the tokenizer saved in it, if any
-      (`deepseek_jax.data.find_tokenizer`).
-    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`); the tokenizer
-      saved in it, if any.
+    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); its `saved_tokenizer`, if any.
+    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`); its
+      `saved_tokenizer`, if any.
     preset: a ModelConfig preset with random weights (seeded by `seed`); with the byte tokenizer (the
       training default) when its vocabulary fits.
     tokenizer: a tokenizer path for `deepseek_jax.data.load_tokenizer` (overrides the source's own).
@@ -131,7 +140,7 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   Raises:
     ValueError: no source or several; FileNotFoundError: missing files.
   """
-  from deepseek_jax.data import find_tokenizer, load_tokenizer  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
   sources = {"workdir": workdir, "hf_dir": hf_dir, "orbax_dir": orbax_dir, "preset (random init)": preset}
   given = [k for k, v in sources.items() if v]
   if len(given) != 1:
@@ -147,14 +156,12 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
       tok = load_workdir_tokenizer(workdir)
   elif hf_dir:
     from deepseek_jax.interop import hf  # pylint: disable=g-import-not-at-top
+    tok = saved_tokenizer(hf_dir) if tokenizer is None else None
     cfg, variables = hf.load(hf_dir)
-    if tokenizer is None:
-      tok = find_tokenizer(hf_dir)
   elif orbax_dir:
     from deepseek_jax.interop import orbax_io  # pylint: disable=g-import-not-at-top
+    tok = saved_tokenizer(orbax_dir) if tokenizer is None else None
     cfg, variables = orbax_io.load_variables(orbax_dir)
-    if tokenizer is None:
-      tok = find_tokenizer(orbax_dir)
   else:
     cfg = ModelConfig.preset(preset)
     variables = init_variables(cfg, seed)
