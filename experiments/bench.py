@@ -1,14 +1,19 @@
-"""Benchmark dispatcher: `python -m experiments.bench --suite=kernels [--json=PATH] [--small]`.
+"""Benchmarks: `python -m experiments.bench --suite=kernels [--json=PATH] [--small]`.
 
-Each suite is a module `experiments.benchmarks.<name>` with `run(flags) -> dict`; it is imported only
-when chosen. Adding a suite is one line in `SUITES`.
+Runs one suite (`--suite`; its help lists them), prints progress lines as it goes and the result as JSON
+on stdout (and into --json).  Each suite is a module `experiments.benchmarks.<name>` with `run(flags) ->
+dict`; it is imported only when chosen. Adding a suite is one line in `SUITES`.  Mistakes in the flags end
+with one line `error: ...` and exit status 2.
 """
 
+import ast
 import importlib
 import json
 import os
 
 from absl import app, flags
+
+from experiments import cli
 
 SUITES = {
     "kernels": "experiments.benchmarks.kernels",
@@ -19,16 +24,35 @@ SUITES = {
     "decode": "experiments.benchmarks.decode",
 }
 
-flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")
+
+def _suite_help() -> str:
+  """One line per suite: the first line of its module's docstring (read without importing it)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  lines = []
+  for name, module in sorted(SUITES.items()):
+    path = os.path.join(root, *module.split(".")) + ".py"
+    try:
+      with open(path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+      doc = ""
+    first = doc.strip().splitlines()[0].rstrip(".") if doc.strip() else module
+    lines.append(f"{name}: {first.split(': ', 1)[1] if first.startswith('`--suite') else first}")
+  return "Benchmark suite to run. " + "; ".join(lines)
+
+
+flags.DEFINE_enum("suite", "kernels", sorted(SUITES), _suite_help())
 flags.DEFINE_string("json", "", "Also write the result JSON to this path.")
-flags.DEFINE_bool("small", False, "Small shapes (the default on CPU).")
+flags.DEFINE_bool("small", False, "Small shapes: kernels and moe suites (their default off GPU); convert suite: "
+                  "a ~0.25 GB checkpoint instead of ~2 GB.")
 flags.DEFINE_integer("runs", 0, "Timed runs per case (0: the suite's default).")
-flags.DEFINE_string("preset", "", "Model for the train and decode suites: a preset name or "
-                    "'bench-6.5m' (default).")
+flags.DEFINE_string("preset", "", "Model of the train, decode and compile suites: a preset name or "
+                    "'bench-6.5m' (default: train and decode 'bench-6.5m', compile 'deepseek-v3').")
 flags.DEFINE_string("dtype", "", "Train suite: compute dtype of our model (default: the preset's).")
-flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the suite's default; train 8, decode 4).")
-flags.DEFINE_integer("seq_len", 0, "Train suite: sequence length (0: 256); decode suite: cache length "
-                     "(0: 4096).")
+flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the suite's default; train 8, decode 4, "
+                     "compile 1).")
+flags.DEFINE_integer("seq_len", 0, "Train and compile suites: sequence length (0: 256, compile 512); decode "
+                     "suite: cache length (0: 4096).")
 flags.DEFINE_string("remat", "", "Train suite: also time our step under these remat policies, e.g. "
                     "'full,dots'.")
 flags.DEFINE_string("maxtext", "dense", "Train suite: MaxText's own train step on the same config, in these "
@@ -52,7 +76,10 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.json and os.path.isdir(FLAGS.json):
+    raise app.UsageError(f"--json={FLAGS.json} is a directory; give a file path")
   if FLAGS.retain_freed_memory:
     from deepseek_jax import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.retain_freed_memory()
@@ -66,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,8 +2,11 @@ r"""Trains a DeepSeek-V3-style model.
 
   python -m experiments.train --config=experiments/configs/tiny.py --workdir=/tmp/run [--config.FIELD=VALUE]
 
-Restarting with the same --workdir resumes from its newest checkpoint. Mistakes in the config, the data or the
-mesh end with a one-line message and exit status 2.
+Restarting with the same --workdir resumes from its newest checkpoint. The workdir holds the checkpoints,
+metrics.jsonl, the tokenizer and the model's config.json; `python -m experiments.convert --to_hf
+--workdir=DIR --out=HF` exports the newest checkpoint for transformers, `python -m experiments.generate
+--workdir=DIR` samples from it.  Mistakes in the flags, the config, the data or the mesh end with one line
+`error: ...` and exit status 2; a run stopped by max_bad_steps non-finite steps exits with status 1.
 
 Sharded over a mesh (`--config.mesh.data/fsdp/expert/tensor`, -1 = the remaining devices) and over several
 processes: start one per host (or per GPU) with the same flags plus
@@ -12,17 +15,22 @@ processes: start one per host (or per GPU) with the same flags plus
 and the same --workdir on a shared filesystem (checkpoints are written by all processes).
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
-                                          "experiment config file (a get_config() module)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, tokenizer)")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "start from this converted checkpoint directory")
+from experiments import cli
+
+_CONFIG = cli.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py"),
+    "experiment config file (a get_config() module; experiments/configs/); --config.FIELD=VALUE overrides "
+    "any field of deepseek_jax.training.default_config()")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (required): checkpoints/, metrics.jsonl, "
+                                "tokenizer/, the model's config.json; an existing run resumes")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "start from the weights of this orbax model checkpoint "
+                                 "(experiments.convert; ignored when the workdir has a checkpoint)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "multi-host run: start jax.distributed, detecting the cluster (SLURM, Open MPI, "
                                  "env COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID)")
@@ -39,22 +47,17 @@ _RETAIN = flags.DEFINE_bool("retain_freed_memory", True,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    raise app.UsageError(f"--workdir={_WORKDIR.value} exists and is not a directory")
   from deepseek_jax import distributed, host_memory  # pylint: disable=g-import-not-at-top
   if _RETAIN.value:   # before JAX starts its backend and threads
     host_memory.retain_freed_memory()
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None:
-    try:  # before anything touches a device
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  from deepseek_jax.training import TrainingDiverged, UserError, train  # pylint: disable=g-import-not-at-top
+    # before anything touches a device
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from deepseek_jax.training import TrainingDiverged, train  # pylint: disable=g-import-not-at-top
   try:
     summary = train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   except TrainingDiverged as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(1)
@@ -74,4 +77,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

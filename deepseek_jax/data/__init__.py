@@ -9,13 +9,13 @@ from deepseek_jax.data.metrics import bits_per_byte, bytes_per_token
 from deepseek_jax.data.packing import (TokenizedFiles, check_min_tokens, gather_windows, load_token_files,
                                        num_windows, pack_documents, token_dtype, tokenize_files)
 from deepseek_jax.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, check_vocab,
-                                         load_tokenizer, train_bpe)
+                                         find_tokenizer, load_tokenizer, train_bpe)
 
 __all__ = [
     "ByteTokenizer", "Corpus", "Datasets", "HFTokenizer", "TokenBatches", "TokenizedFiles", "Tokenizer",
     "bits_per_byte", "build_datasets", "bytes_per_token", "cached_tokenize", "check_min_tokens",
-    "check_vocab", "default_cache_dir", "default_corpus_files", "find_corpus", "gather_windows",
-    "load_token_files", "load_tokenizer", "num_windows", "pack_documents", "read_bytes", "read_text",
-    "resolve_tokenizer", "sequential_batches", "split_files", "stable_unit_hash", "stdlib_dir",
+    "check_vocab", "default_cache_dir", "default_corpus_files", "find_corpus", "find_tokenizer",
+    "gather_windows", "load_token_files", "load_tokenizer", "num_windows", "pack_documents", "read_bytes",
+    "read_text", "resolve_tokenizer", "sequential_batches", "split_files", "stable_unit_hash", "stdlib_dir",
     "token_dtype", "tokenize_files", "train_bpe",
 ]

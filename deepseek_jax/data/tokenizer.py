@@ -375,6 +375,31 @@ def load_tokenizer(path: str | os.PathLike, *, bos_token: str | None = None, eos
   raise FileNotFoundError(f"{path}: neither {HF_FILE} nor a byte-tokenizer {CONFIG_FILE} found")
 
 
+def find_tokenizer(directory: str | os.PathLike) -> Tokenizer | None:
+  """The tokenizer saved in a checkpoint directory, or None when it holds none.
+
+  A tokenizer is there when the directory has a tokenizer.json, or a tokenizer_config.json of a byte
+  tokenizer (what `save` writes); it is read with `load_tokenizer`, so a broken one raises.
+
+  Args:
+    directory: a checkpoint directory (HF, the project's model checkpoint, a training run's tokenizer/).
+  Returns:
+    The tokenizer, or None.
+  """
+  directory = Path(directory)
+  config_file = directory / CONFIG_FILE
+  if (directory / HF_FILE).is_file():
+    return load_tokenizer(directory)
+  if config_file.is_file():
+    try:
+      byte = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_type") == "byte"
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise ValueError(f"{config_file} is not a JSON object: {e}") from e
+    if byte:
+      return load_tokenizer(directory)
+  return None
+
+
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """Raises ValueError when the tokenizer can emit ids the model's embedding does not have.
 

@@ -5,7 +5,8 @@
   The checkpoint does not record the ModelConfig, so it comes from the experiment config the run was
   trained with, or from an HF-style DIR/config.json when one is there.  Only the model variables
   ({'params', 'router'}) are kept from the train state; they are checked against the model's own shapes.
-- HF checkpoint: `deepseek_jax.interop.hf.load`.
+- HF checkpoint: `deepseek_jax.interop.hf.load`; the tokenizer saved beside it, if any.
+- The project's model checkpoint (`deepseek_jax.interop.orbax_io`); the tokenizer saved beside it, if any.
 - A preset with random weights (demos and benchmarks).
 """
 
@@ -70,7 +71,8 @@ def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optio
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist")
+    raise FileNotFoundError(f"workdir {workdir} " + ("is not a directory" if os.path.exists(workdir)
+                                                      else "does not exist"))
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoints directory in the workdir")
@@ -108,6 +110,22 @@ def load_workdir_tokenizer(workdir: str):
   return load_tokenizer(path)
 
 
+def saved_tokenizer(directory: str):
+  """The tokenizer saved in a checkpoint folder (HF, or the project's model checkpoint), or None; its files,
+  like every file of a checkpoint, must be regular files inside the folder (else `hf.CheckpointError`).
+
+  What `deepseek_jax.data.find_tokenizer` finds there: a tokenizer.json, or a byte tokenizer's
+  tokenizer_config.json (`experiments.convert` saves the source's tokenizer beside what it writes).
+  """
+  from deepseek_jax.data import find_tokenizer  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.interop import safetensors_io  # pylint: disable=g-import-not-at-top
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    path = os.path.join(directory, name)
+    if os.path.lexists(path):  # inside the folder and a regular file, else refused
+      safetensors_io.open_regular(safetensors_io.resolve_inside(directory, name, path), path).close()
+  return find_tokenizer(directory)
+
+
 def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None,
                         hf_dir: Optional[str] = None, orbax_dir: Optional[str] = None,
                         preset: Optional[str] = None, tokenizer: Optional[str] = None, seed: int = 0):
@@ -116,8 +134,9 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   Args:
     workdir: a training run directory (newest checkpoint; its tokenizer unless `tokenizer` is given).
     experiment_config: with workdir, the experiment ConfigDict of the run (gives the ModelConfig).
-    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); its tokenizer.json if present.
-    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`).
+    hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); its `saved_tokenizer`, if any.
+    orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`); its
+      `saved_tokenizer`, if any.
     preset: a ModelConfig preset with random weights (seeded by `seed`); with the byte tokenizer (the
       training default) when its vocabulary fits.
     tokenizer: a tokenizer path for `deepseek_jax.data.load_tokenizer` (overrides the source's own).
@@ -143,17 +162,12 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
     if tokenizer is None and os.path.exists(os.path.join(workdir, "tokenizer")):
       tok = load_workdir_tokenizer(workdir)
   elif hf_dir:
-    from deepseek_jax.interop import hf, safetensors_io  # pylint: disable=g-import-not-at-top
-    tok_file = os.path.join(hf_dir, "tokenizer.json")
-    own_tokenizer = tokenizer is None and os.path.lexists(tok_file)
-    if own_tokenizer:  # like every file of the checkpoint: inside its folder and a regular file, else refused
-      safetensors_io.open_regular(safetensors_io.resolve_inside(hf_dir, "tokenizer.json", tok_file),
-                                  tok_file).close()
+    from deepseek_jax.interop import hf  # pylint: disable=g-import-not-at-top
+    tok = saved_tokenizer(hf_dir) if tokenizer is None else None
     cfg, variables = hf.load(hf_dir)
-    if own_tokenizer:
-      tok = load_tokenizer(hf_dir)
   elif orbax_dir:
     from deepseek_jax.interop import orbax_io  # pylint: disable=g-import-not-at-top
+    tok = saved_tokenizer(orbax_dir) if tokenizer is None else None
     cfg, variables = orbax_io.load_variables(orbax_dir)
   else:
     cfg = ModelConfig.preset(preset)

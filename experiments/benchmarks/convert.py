@@ -128,7 +128,15 @@ def run(flags=None) -> dict:
   """The suite: write the synthetic checkpoint, load it in an 8-device subprocess, return the JSON dict."""
   gb = getattr(flags, "convert_gb", None) if flags is not None else None
   if gb is None:
-    gb = float(os.environ.get(_ENV_SIZE, 0.25 if getattr(flags, "small", False) else 2.0))
+    raw = os.environ.get(_ENV_SIZE, 0.25 if getattr(flags, "small", False) else 2.0)
+    try:
+      gb = float(raw)
+    except ValueError:
+      gb = float("nan")
+    if not gb > 0:
+      raise ValueError(f"{_ENV_SIZE}={raw!r}: expected a positive size in GB")
+  elif not gb > 0:
+    raise ValueError(f"--convert_gb={gb}: expected a positive size in GB")
   cfg = bench_config(gb * 1e9)
   work = tempfile.mkdtemp(prefix="dsj-convert-bench-")
   try:
@@ -156,10 +164,16 @@ def main():
     print(json.dumps(_child(sys.argv[2])))
     return
   import argparse  # pylint: disable=g-import-not-at-top
+  from experiments import cli  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--convert_gb", type=float, default=2.0, help="checkpoint size in GB")
+  parser.error = cli.fail   # one line and exit status 2, as every entry point
   args = parser.parse_args()
-  print(json.dumps(run(args), indent=2))
+  try:
+    result = run(args)
+  except ValueError as e:
+    cli.fail(str(e))
+  print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Kernel benchmark: each Pallas kernel against its XLA counterpart, side by side in one process.
+"""Kernel benchmark: each Pallas kernel against its XLA counterpart (on CPU: interpret mode, not kernel speed).
+
+On CPU the Pallas kernels run in interpret mode (`kernels._common.resolve_interpret`): the kernel body is
+evaluated op by op as XLA ops, so its times show that the kernel runs, not how fast it is compiled for a
+GPU; every printed line and the JSON (`interpret`, and `mode` per row) say so.
 
 Cases (DeepSeek-V3 shapes on GPU, small shapes on CPU or with --small):
   * prefill flash attention, causal bf16, forward and forward+backward, vs the jnp reference and
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import grouped_matmul, mla_attention, mla_decode
+from kernels._common import resolve_interpret
 
 _GPU = dict(
     prefill=dict(b=1, s=4096, h=128, dqk=192, dv=128),
@@ -54,7 +59,9 @@ def _time_ms(fn, *args, runs: int) -> float:
 
 def _case(name, shape, flops, nbytes, kernel, xla, args, runs):
   """Times a kernel and its XLA counterparts ({label: fn}); errors are recorded, not raised."""
-  row = dict(name=name, shape=shape, gflop=flops / 1e9, gbyte=nbytes / 1e9)
+  interpret = resolve_interpret(None)
+  row = dict(name=name, shape=shape, mode="interpret" if interpret else "compiled", gflop=flops / 1e9,
+             gbyte=nbytes / 1e9)
 
   def measure(fn):
     try:
@@ -79,7 +86,8 @@ def _case(name, shape, flops, nbytes, kernel, xla, args, runs):
       row[f"{label}_tflops"] = flops / xms / 1e9
       if ms:
         row[f"speedup_vs_{label}"] = xms / ms
-  print(f"[bench] {name} {shape}: " + ", ".join(
+  mode = " (Pallas interpret mode)" if interpret else ""
+  print(f"[bench] {name} {shape}{mode}: " + ", ".join(
       f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
   return row
 
@@ -175,10 +183,14 @@ def run(flags) -> dict:
   small = bool(getattr(flags, "small", False)) or jax.default_backend() == "cpu"
   cfg = _SMALL if small else _GPU
   runs = getattr(flags, "runs", 0) or cfg["runs"]
+  interpret = resolve_interpret(None)
+  if interpret:
+    print(f"[bench] {jax.default_backend()}: the Pallas kernels run in interpret mode (each kernel body as "
+          "XLA ops); their times show that they run, not how fast they are", flush=True)
   results = _prefill(cfg["prefill"], runs)
   for c in cfg["decode"]:
     results += _decode(c, runs)
   results += _gmm(cfg["gmm"], runs)
   return dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-              jax=jax.__version__, small=small, interpret=jax.default_backend() == "cpu",
+              jax=jax.__version__, small=small, interpret=interpret,
               runs=runs, results=results)

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from deepseek_jax.data import ByteTokenizer, HFTokenizer, check_vocab, load_tokenizer, train_bpe
+from deepseek_jax.data import (ByteTokenizer, HFTokenizer, check_vocab, find_tokenizer, load_tokenizer,
+                               train_bpe)
 
 TEXT = "héllo wörld, 日本語 and emoji 🚀 - naïve café\n"
 
@@ -123,6 +124,21 @@ def test_load_tokenizer_errors(tmp_path):
   with pytest.raises(ValueError, match="eos_token 'zz' is not in the vocabulary"):
     load_tokenizer(tmp_path, eos_token="zz")
   assert load_tokenizer(tmp_path, eos_token="b").eos_id == 1
+
+
+def test_find_tokenizer_beside_a_checkpoint(tmp_path):
+  """What a checkpoint directory holds: nothing, a foreign tokenizer_config.json, a byte tokenizer, tokenizer.json."""
+  assert find_tokenizer(tmp_path) is None
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+  assert find_tokenizer(tmp_path) is None          # e.g. a SentencePiece-only HF tokenizer: not one we read
+  (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="tokenizer_config.json is not a JSON object"):
+    find_tokenizer(tmp_path)
+  ByteTokenizer().save(tmp_path)
+  assert isinstance(find_tokenizer(tmp_path), ByteTokenizer)
+  (tmp_path / "hf").mkdir()
+  _deepseek_like_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+  assert isinstance(find_tokenizer(tmp_path / "hf"), HFTokenizer)
 
 
 def test_check_vocab():

@@ -141,10 +141,23 @@ def test_transformers_reads_a_checkpoint_with_mtp(tmp_path, tiny_cfg):
 def test_orbax_roundtrip_and_convert_cli(tmp_path, tiny_cfg):
   _, variables = _random_model(tiny_cfg, seed=9)
   hf.save(tmp_path / "hf", tiny_cfg, variables)
+  dsj.data.ByteTokenizer().save(tmp_path / "hf")   # the tokenizer goes along both ways
   orbax_io.save_variables(tmp_path / "direct", tiny_cfg, variables)
   cfg, restored = orbax_io.load_variables(tmp_path / "direct")
   assert cfg == tiny_cfg
   _tree_equal(restored, variables)
+  # A model_config.json that is not the model's, or not a config at all, is named in one ValueError.
+  config_file = tmp_path / "direct" / orbax_io.CONFIG_FILE
+  saved = json.loads(config_file.read_text())
+  for change, match in (({"num_hidden_layers": 2}, "cannot restore the variables"),
+                        ({"bogus": 1}, r"\['bogus'\] are not ModelConfig fields"),
+                        ({"hidden_size": -1}, "hidden_size=-1")):
+    config_file.write_text(json.dumps(dict(saved, **change)))
+    with pytest.raises(ValueError, match=match):
+      orbax_io.load_variables(tmp_path / "direct")
+  config_file.write_text("[1]")
+  with pytest.raises(ValueError, match="expected a JSON object"):
+    orbax_io.load_variables(tmp_path / "direct")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   run = lambda *args: subprocess.run([sys.executable, "-m", "experiments.convert", *args], cwd=REPO, env=env,
                                      capture_output=True, text=True, timeout=300)
@@ -156,8 +169,10 @@ def test_orbax_roundtrip_and_convert_cli(tmp_path, tiny_cfg):
   cfg2, converted = orbax_io.load_variables(tmp_path / "orbax")
   assert cfg2 == tiny_cfg
   _tree_equal(converted, variables)
+  assert isinstance(dsj.data.find_tokenizer(tmp_path / "orbax"), dsj.data.ByteTokenizer)
   r = run("--to_hf", f"--orbax_dir={tmp_path / 'orbax'}", f"--out={tmp_path / 'back'}")
   assert r.returncode == 0, r.stderr[-3000:]
+  assert isinstance(dsj.data.find_tokenizer(tmp_path / "back"), dsj.data.ByteTokenizer)
   a, b = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "back")
   assert sorted(a) == sorted(b)
   for name in a:

@@ -1,14 +1,19 @@
-"""The train command end to end (subprocesses): exact resume, SIGTERM, an unreadable checkpoint, user errors."""
+"""The train command end to end (subprocesses): exact resume, SIGTERM, an unreadable checkpoint, user errors,
+export of the run to HF (transformers computes its logits) and generation from the export."""
 
 import glob
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 
 from deepseek_jax.training import read_metrics
-from training_utils import micro_flags, run_train
+from training_utils import ROOT, micro_flags, run_train
 
 N = 8
 
@@ -99,3 +104,41 @@ def test_user_errors_exit_2(tmp_path, flags, message):
   lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
   assert "Traceback" not in r.stderr
+
+
+def _cli(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_run_exports_to_hf_and_generates_from_text(baseline, tmp_path):
+  """convert --to_hf --workdir: transformers loads the run's checkpoint with its logits; the tokenizer goes along,
+  so generation from the export reads a text prompt without --tokenizer."""
+  transformers = pytest.importorskip("transformers")
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from deepseek_jax import DeepSeekV3  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.data import ByteTokenizer, find_tokenizer  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  _, wd = baseline
+  out = tmp_path / "hf"
+  r = _cli("experiments.convert", "--to_hf", f"--workdir={wd}", "--step=12", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  assert summary["step"] == 12 and summary["mtp_layers"] == 1
+  assert isinstance(find_tokenizer(out), ByteTokenizer)
+
+  cfg, variables, step = loading.load_workdir(str(wd), step=12)   # what the run's model computes at step 12
+  assert step == 12
+  theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype="float32")
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
+  ours = np.asarray(DeepSeekV3(cfg).apply(variables, jnp.asarray(tokens)).logits, np.float64)
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    ref = theirs(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.double().numpy()
+  assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-5
+
+  r = _cli("experiments.generate", f"--hf_dir={out}", "--prompt=def ", "--max_new_tokens=4", "--chunk_steps=4",
+           "--nostop_at_eos")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.startswith("def ") and "4 tokens" in r.stderr, (r.stdout, r.stderr[-2000:])
