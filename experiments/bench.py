@@ -17,6 +17,7 @@ SUITES = {
     "moe": "experiments.benchmarks.moe",
     "compile": "experiments.benchmarks.compile",
     "decode": "experiments.benchmarks.decode",
+    "cuda_compile": "experiments.benchmarks.cuda_compile",
 }
 
 flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")
