@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds a CUDA compile-check environment: a Python 3.12 venv with jax, its CUDA plugin and a ptxas, used to
+# lower, verify and compile the Pallas kernels for H100/H200 on a machine without a GPU (docs/gpu.md).
+# It lives outside the package's own install: `pip install -e .` for a CPU user is unchanged.
+# Usage: bash .ci/cuda_env.sh DIR 0.10|0.11     (then DIR/bin/python -m pytest tests/gpu)
+#   0.10: jax/jaxlib 0.10.2 + jax-cuda12-plugin/pjrt 0.10.2 (exposes the Triton compiler) + nvidia-cuda-nvcc-cu12
+#   0.11: jax/jaxlib 0.11.2 + jax-cuda13-plugin/pjrt 0.11.2 (the GPU images' versions) + nvidia-cuda-nvcc
+set -euo pipefail
+dir="$1"; version="$2"
+py="${PYTHON312:-}"
+if [ -z "$py" ]; then
+  py="$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -n 1 || true)"
+fi
+if [ -z "$py" ]; then
+  echo "cuda_env.sh: no Python 3.12 found (set PYTHON312); the CUDA plugins are installed for 3.12" >&2
+  exit 2
+fi
+case "$version" in
+  0.10) jaxv=0.10.2; plugin="jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2"; nvcc=nvidia-cuda-nvcc-cu12
+        extra="flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 chex==0.1.92";;
+  0.11) jaxv=0.11.2; plugin="jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2"; nvcc=nvidia-cuda-nvcc
+        extra="flax optax orbax-checkpoint chex";;
+  *) echo "cuda_env.sh: version must be 0.10 or 0.11, got '$version'" >&2; exit 2;;
+esac
+"$py" -m venv "$dir"
+"$dir/bin/python" -m pip install -q --upgrade pip
+"$dir/bin/python" -m pip install -q "jax==$jaxv" "jaxlib==$jaxv" $extra einops absl-py ml-collections \
+  numpy safetensors tqdm tokenizers tensorboardX pytest
+# The plugin's own dependencies would pull the CUDA runtime libraries (gigabytes) that compiling needs none of.
+"$dir/bin/python" -m pip install -q --no-deps $plugin $nvcc
+echo "cuda_env.sh: $dir ready (jax $jaxv)"
