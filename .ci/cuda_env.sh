@@ -4,7 +4,8 @@
 # It lives outside the package's own install: `pip install -e .` for a CPU user is unchanged.
 # Usage: bash .ci/cuda_env.sh DIR 0.10|0.11     (then DIR/bin/python -m pytest tests/gpu)
 #   0.10: jax/jaxlib 0.10.2 + jax-cuda12-plugin/pjrt 0.10.2 (exposes the Triton compiler) + nvidia-cuda-nvcc-cu12
-#   0.11: jax/jaxlib 0.11.2 + jax-cuda13-plugin/pjrt 0.11.2 (the GPU images' versions) + nvidia-cuda-nvcc
+#   0.11: jax/jaxlib 0.11.2 + jax-cuda13-plugin/pjrt 0.11.2 (the GPU images' versions) + nvidia-cuda-nvcc,
+#         and tokamax (its Mosaic GPU ragged_dot is checked beside gmm)
 set -euo pipefail
 dir="$1"; version="$2"
 py="${PYTHON312:-}"
@@ -19,7 +20,7 @@ case "$version" in
   0.10) jaxv=0.10.2; plugin="jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2"; nvcc=nvidia-cuda-nvcc-cu12
         extra="flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 chex==0.1.92";;
   0.11) jaxv=0.11.2; plugin="jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2"; nvcc=nvidia-cuda-nvcc
-        extra="flax optax orbax-checkpoint chex";;
+        extra="flax optax orbax-checkpoint chex tokamax";;
   *) echo "cuda_env.sh: version must be 0.10 or 0.11, got '$version'" >&2; exit 2;;
 esac
 "$py" -m venv "$dir"

@@ -94,6 +94,21 @@ def _takes_dtype(gm) -> bool:
   return "dtype" in inspect.signature(gm.BlockSizes.get_default).parameters
 
 
+def tokamax_case(dtype: str, k: int = 7168, n: int = 2048, rows: int = 65536, groups: int = 256) -> Case:
+  """tokamax's ragged_dot (deepseek_jax.ops.tokamax_ragged_dot) forward at V3 expert shapes, with tokamax
+  told the target is compute capability 9.0 (it asks the default device, a CPU here; its backward asks
+  the device again and does not lower without a GPU, docs/gpu.md)."""
+  def build():
+    from tokamax._src import gpu_utils  # pylint: disable=g-import-not-at-top
+    from deepseek_jax.ops import tokamax_ragged_dot as trd  # pylint: disable=g-import-not-at-top
+    gpu_utils._compute_capability = lambda device=None: 9.0  # pylint: disable=protected-access
+
+    def fn(x, w, group_sizes):
+      return trd.ragged_dot(x, w, group_sizes, implementation="mosaic_gpu")
+    return fn, (_sds((rows, k), dtype), _sds((groups, k, n), dtype), _sds((groups,), jnp.int32))
+  return Case(f"tokamax_ragged_dot fwd {k}->{n}", dtype, build)
+
+
 def v3_group_sizes(rows: int, groups: int, seed: int = 0) -> np.ndarray:
   """Rows per expert: a skewed random routing of `rows` rows over `groups` experts, 1 in 16 empty."""
   rng = np.random.default_rng(seed)
@@ -125,29 +140,50 @@ def all_cases(which: str = "all") -> list[Case]:
       cases += [flash_case(4096, dt), flash_case(37, dt)]
       cases += [decode_case(sq, t, dt) for sq in (1, 2) for t in (4096, 32768)]
       cases += [gmm_case(7168, 2048, dt), gmm_case(2048, 7168, dt)]
+  if which in ("all", "kernels"):
+    from deepseek_jax.ops import tokamax_ragged_dot  # pylint: disable=g-import-not-at-top
+    if tokamax_ragged_dot.available():
+      cases.append(tokamax_case("bfloat16"))
   if which in ("all", "train"):
     for preset in ("tiny", "small"):
       cases += [train_case(preset, dt) for dt in DTYPES]
   return cases
 
 
-def run_case(case: Case, compiler, ptxas) -> dict:
-  """Lowers and checks one case; a lowering failure is reported as the case's error."""
+def run_case(case: Case, compiler, ptxas, whole_program: bool = True) -> dict:
+  """Lowers and checks one case's kernels, then (whole_program) compiles the case with XLA for an
+  H100; a failure of either is reported as the case's error."""
   from kernels import _common  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   jax.clear_caches()        # kernels traced for the CPU before must be traced anew for the GPU
+  reports, error = [], ""
   try:
     with _common.target_backend("gpu"):
       fn, args = case.build()
       kernels = cc.extract_kernels(cc.lower_for_cuda(fn, *args))
     reports = cc.check_kernels(kernels, compiler, ptxas)
-    error = ""
   except Exception as e:  # pylint: disable=broad-except
-    reports, error = [], "lower: " + cc._one_line(e)  # pylint: disable=protected-access
+    error = "lower: " + cc._one_line(e)  # pylint: disable=protected-access
+  if whole_program and not error and all(r.verified for r in reports):
+    try:
+      with _common.target_backend("gpu"):
+        smem = cc.xla_compile(fn, *args)
+      for r in reports:
+        r.xla_smem_bytes = smem.get(r.name)
+        if r.compiled is None and r.backend == "triton":
+          r.compiled = True     # XLA compiled it (to a cubin) with the rest of the program
+    except Exception as e:  # pylint: disable=broad-except
+      error = "xla compile: " + cc._one_line(e)  # pylint: disable=protected-access
   rows = [dict(dataclasses.asdict(r), ok=r.ok) for r in reports]
   ok = not error and bool(rows) and all(r["ok"] for r in rows)
   return {"case": case.name, "dtype": case.dtype, "ok": ok, "error": error, "kernels": rows,
           "seconds": round(time.perf_counter() - t0, 1), **case.info}
+
+
+def whole_program(case: Case, compiler) -> bool:
+  """Whether to compile the case with XLA too: the train steps always (XLA's own fusions are part
+  of them), kernel cases where no Triton compiler is exposed to Python (jax 0.11)."""
+  return case.name.startswith(("train_step", "tokamax")) or compiler is None
 
 
 def check_all(which: str = "all", log=print) -> dict:
@@ -160,7 +196,7 @@ def check_all(which: str = "all", log=print) -> dict:
   compiler, ptxas = cc.triton_compiler(), cc.find_ptxas()
   result.update(triton_compiler=compiler is not None, ptxas=ptxas or "")
   for case in all_cases(which):
-    row = run_case(case, compiler, ptxas)
+    row = run_case(case, compiler, ptxas, whole_program=whole_program(case, compiler))
     result["cases"].append(row)
     log(format_rows([row]), flush=True)
   result["summary"] = {"cases": len(result["cases"]),
@@ -179,8 +215,8 @@ def format_rows(rows) -> str:
       fmt = lambda v: "-" if v is None else str(v)
       lines.append(f"{r['case']:<28} {r['dtype']:<9} {k['name'][:18]:<18} {status} "
                    f"verified={int(k['verified'])} compiled={fmt(k['compiled'])} "
-                   f"smem={fmt(k['smem_bytes'])} regs={fmt(k['registers'])} "
-                   f"spills={fmt(k['spill_bytes'])} {k['error']}")
+                   f"smem={fmt(k['smem_bytes'])} xla_smem={fmt(k['xla_smem_bytes'])} "
+                   f"regs={fmt(k['registers'])} spills={fmt(k['spill_bytes'])} {k['error']}")
     if r.get("work_ratio"):
       lines.append(f"{r['case']:<28} {r['dtype']:<9} issued MMA work / useful FLOPs: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in r["work_ratio"].items()))
