@@ -77,7 +77,7 @@ class BlockSizes:
     backend = backend or _common.backend()
     if backend == "gpu":
       if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
-        return cls(block_k=32, block_k_t=64, block_n_t=64, num_stages=2)
+        return cls(block_k=16, block_k_t=64, block_n_t=64, num_stages=2)
       return cls()
     return cls(block_m=32, block_m_small=16, block_k=32, block_n=32, block_m_t=16, block_k_t=32,
                block_n_t=32, num_warps=4, num_stages=1)

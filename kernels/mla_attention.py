@@ -68,8 +68,8 @@ class BlockSizes:
     backend = backend or _common.backend()
     if backend == "gpu":
       if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
-        return cls(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32,
-                   block_k_dq=32, num_warps=8, num_stages=2)
+        return cls(block_q=32, block_k=32, block_q_dkv=16, block_k_dkv=32, block_q_dq=16,
+                   block_k_dq=16, num_warps=8, num_stages=1)
       return cls()
     return cls(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32,
                block_k_dq=32, num_warps=4, num_stages=1)
