@@ -133,7 +133,14 @@ def train_case(preset: str, dtype: str) -> Case:
 
 
 def all_cases(which: str = "all") -> list[Case]:
-  """The check's cases: 'kernels', 'train' or 'all'."""
+  """The check's cases: 'kernels', 'train', 'all', or 'quick' (one bf16 case per kernel, tokamax, and the
+  tiny preset's bf16 train step: what CI compiles whole under jax 0.11)."""
+  if which == "quick":
+    from deepseek_jax.ops import tokamax_ragged_dot  # pylint: disable=g-import-not-at-top
+    bf = "bfloat16"
+    quick = [flash_case(4096, bf), decode_case(2, 32768, bf), gmm_case(7168, 2048, bf),
+             train_case("tiny", bf)]
+    return quick + ([tokamax_case(bf)] if tokamax_ragged_dot.available() else [])
   cases = []
   if which in ("all", "kernels"):
     for dt in DTYPES:
@@ -180,13 +187,14 @@ def run_case(case: Case, compiler, ptxas, whole_program: bool = True) -> dict:
           "seconds": round(time.perf_counter() - t0, 1), **case.info}
 
 
-def whole_program(case: Case, compiler) -> bool:
-  """Whether to compile the case with XLA too: the train steps always (XLA's own fusions are part
-  of them), kernel cases where no Triton compiler is exposed to Python (jax 0.11)."""
-  return case.name.startswith(("train_step", "tokamax")) or compiler is None
+def whole_program(case: Case, compiler, train_steps: bool = False) -> bool:
+  """Whether to compile the case whole with XLA too: where no Triton compiler is exposed to Python
+  (jax 0.11), tokamax's cases, and the train steps when asked (minutes each on 2 cores)."""
+  return (compiler is None or case.name.startswith("tokamax")
+          or (train_steps and case.name.startswith("train_step")))
 
 
-def check_all(which: str = "all", log=print) -> dict:
+def check_all(which: str = "all", log=print, train_steps_whole: bool = True) -> dict:
   """Runs every case; returns the JSON-ready result (environment, per-case rows, summary)."""
   available, why = cc.cuda_plugin_available()
   result = {"jax": jax.__version__, "smem_limit": cc.SMEM_LIMIT, "cases": []}
@@ -196,7 +204,8 @@ def check_all(which: str = "all", log=print) -> dict:
   compiler, ptxas = cc.triton_compiler(), cc.find_ptxas()
   result.update(triton_compiler=compiler is not None, ptxas=ptxas or "")
   for case in all_cases(which):
-    row = run_case(case, compiler, ptxas, whole_program=whole_program(case, compiler))
+    row = run_case(case, compiler, ptxas,
+                   whole_program=whole_program(case, compiler, train_steps_whole))
     result["cases"].append(row)
     log(format_rows([row]), flush=True)
   result["summary"] = {"cases": len(result["cases"]),

@@ -2,9 +2,11 @@
 
 Runs where a jax CUDA plugin is importable (the environment `.ci/cuda_env.sh` builds; no GPU needed) and
 skips elsewhere. Each case is lowered for CUDA once; its kernels must verify, compile to PTX and fit
-Hopper's shared memory; bf16 kernels must not spill; train steps (and, under jax 0.11, which exposes no
-Triton compiler to Python, every case) must compile whole with XLA for an H100 (docs/gpu.md).
+Hopper's shared memory; bf16 kernels must not spill; under jax 0.11, which exposes no Triton compiler to
+Python, every case must compile whole with XLA for an H100 (docs/gpu.md).
 """
+
+import os
 
 import pytest
 
@@ -15,7 +17,9 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
 
 if AVAILABLE:
   from experiments.benchmarks import cuda_compile as suite
-  CASES = {f"{c.name} {c.dtype}": c for c in suite.all_cases("all")}
+  # DSJ_CUDA_CHECK_CASES: 'all' (default), 'kernels', 'train' or 'quick' (experiments/benchmarks/cuda_compile.py).
+  CASES = {f"{c.name} {c.dtype}": c
+           for c in suite.all_cases(os.environ.get("DSJ_CUDA_CHECK_CASES", "all"))}
 else:
   CASES = {}
 
