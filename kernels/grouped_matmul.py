@@ -181,10 +181,9 @@ def _gmm_tiles(group_sizes, m: int, block_m: int):
   return jnp.stack([grp, lo, hi]).astype(jnp.int32)
 
 
-def gmm_work_ratio(group_sizes, k: int, n: int, block_sizes: BlockSizes,
-                   transpose: bool = False) -> float:
-  """Issued MMA work of gmm over its useful FLOPs, counted from its tile list and loop bounds."""
-  del transpose  # dx = gmm(dy, w^T) visits the same tiles
+def gmm_work_ratio(group_sizes, k: int, n: int, block_sizes: BlockSizes) -> float:
+  """Issued MMA work of gmm over its useful FLOPs, counted from its tile list and loop bounds (the
+  backward's dx = gmm(dy, w^T) visits the same tiles)."""
   gs = np.maximum(np.asarray(group_sizes, np.int64), 0)
   bm, small = block_sizes.block_m, block_sizes.block_m_small
   bn, bk = block_sizes.block_n, block_sizes.block_k

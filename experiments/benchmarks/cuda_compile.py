@@ -80,18 +80,11 @@ def gmm_case(k: int, n: int, dtype: str, rows: int = 65536, groups: int = 256) -
 
 
 def gmm_work_ratio(rows: int, k: int, n: int, groups: int, dtype: str) -> dict:
-  """Issued MMA work over useful FLOPs of gmm / tgmm for V3-like routing (some groups empty)."""
+  """Issued MMA work over useful FLOPs of gmm / tgmm with the GPU tiles, for V3-like routing."""
   from kernels import grouped_matmul as gm  # pylint: disable=g-import-not-at-top
   sizes = v3_group_sizes(rows, groups)
-  bs = gm.BlockSizes.get_default("gpu", dtype=jnp.dtype(dtype)) if _takes_dtype(gm) else \
-      gm.BlockSizes.get_default("gpu")
-  return {"gmm": gm.gmm_work_ratio(sizes, k, n, bs), "tgmm": gm.tgmm_work_ratio(sizes, k, n, bs)} \
-      if hasattr(gm, "gmm_work_ratio") else {}
-
-
-def _takes_dtype(gm) -> bool:
-  import inspect  # pylint: disable=g-import-not-at-top
-  return "dtype" in inspect.signature(gm.BlockSizes.get_default).parameters
+  bs = gm.BlockSizes.get_default("gpu", dtype=jnp.dtype(dtype))
+  return {"gmm": gm.gmm_work_ratio(sizes, k, n, bs), "tgmm": gm.tgmm_work_ratio(sizes, k, n, bs)}
 
 
 def tokamax_case(dtype: str, k: int = 7168, n: int = 2048, rows: int = 65536, groups: int = 256) -> Case:
