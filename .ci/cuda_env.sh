@@ -7,13 +7,22 @@
 #   0.11: jax/jaxlib 0.11.2 + jax-cuda13-plugin/pjrt 0.11.2 (the GPU images' versions) + nvidia-cuda-nvcc,
 #         and tokamax (its Mosaic GPU ragged_dot is checked beside gmm)
 set -euo pipefail
-dir="$1"; version="$2"
-py="${PYTHON312:-}"
-if [ -z "$py" ]; then
-  py="$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -n 1 || true)"
+if [ "$#" -ne 2 ]; then
+  echo "usage: bash .ci/cuda_env.sh DIR 0.10|0.11" >&2
+  exit 2
 fi
+dir="$1"; version="$2"
+# A working Python 3.12: $PYTHON312, pyenv's installs, then python3.12 on PATH (a pyenv shim on PATH may
+# name a version that is not selected, so each candidate is run once).
+py=""
+for cand in ${PYTHON312:-} /root/.pyenv/versions/3.12*/bin/python "$(command -v python3.12 || true)"; do
+  if [ -n "$cand" ] && [ -x "$cand" ] && \
+     "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+    py="$cand"; break
+  fi
+done
 if [ -z "$py" ]; then
-  echo "cuda_env.sh: no Python 3.12 found (set PYTHON312); the CUDA plugins are installed for 3.12" >&2
+  echo "cuda_env.sh: no working Python 3.12 found (set PYTHON312); the CUDA plugins are installed for 3.12" >&2
   exit 2
 fi
 case "$version" in
