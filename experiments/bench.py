@@ -22,6 +22,7 @@ SUITES = {
     "moe": "experiments.benchmarks.moe",
     "compile": "experiments.benchmarks.compile",
     "decode": "experiments.benchmarks.decode",
+    "cuda_compile": "experiments.benchmarks.cuda_compile",
 }
 
 

@@ -8,6 +8,9 @@ which would cost a copy and a third more matmul work.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
 import numpy as np
 
@@ -15,9 +18,28 @@ import numpy as np
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+_TARGET = threading.local()
+
+
 def backend() -> str:
-  """The default JAX backend ('cpu', 'gpu', 'tpu')."""
-  return jax.default_backend()
+  """The backend the kernels are built for: the default JAX backend ('cpu', 'gpu', 'tpu'), or the one
+  named by an enclosing `target_backend`."""
+  return getattr(_TARGET, "name", None) or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_backend(name: str):
+  """Builds kernels traced inside for `name` (e.g. 'gpu': compiled kernels, GPU block sizes) whatever
+  the default backend is; for lowering to another platform (`lowering_platforms=('cuda',)`).
+
+  Functions jitted before entering keep what they were traced with: trace fresh ones inside.
+  """
+  saved = getattr(_TARGET, "name", None)
+  _TARGET.name = name
+  try:
+    yield
+  finally:
+    _TARGET.name = saved
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -25,6 +47,12 @@ def resolve_interpret(interpret: bool | None) -> bool:
   if interpret is None:
     return backend() == "cpu"
   return bool(interpret)
+
+
+def dot_precision(dtype):
+  """The precision of the kernels' dots: full float32 for float32 operands (never TF32, whatever
+  `jax_default_matmul_precision` says), the default (native MMA) for bf16 / fp16."""
+  return jax.lax.Precision.HIGHEST if jax.numpy.dtype(dtype) == np.float32 else None
 
 
 def is_pow2(n: int) -> bool:

@@ -3,17 +3,23 @@
 `gmm(x, w, group_sizes)` equals `jax.lax.ragged_dot(x, w, group_sizes)`: the rows of x are sorted
 by group, rows offsets[g]:offsets[g+1] are multiplied by w[g], rows past sum(group_sizes) give 0.
 
-Algorithm (gmm):
-  1. the wrapper computes group offsets and, per M tile, the first and last group that the tile's
-     rows touch (a tile may straddle several group boundaries; tiles past the last row touch none);
-  2. the grid runs over (M tile, N tile), M fastest so that concurrent programs read the same slab
-     of w[g] through L2; a program loops over its groups (empty groups skip their K loop) and, for
-     each, over K, accumulating `where(row in group, x, 0) @ w[g]` in fp32;
-  3. the tile is written once, so no atomics are needed.
+Algorithm (gmm): each group's rows are cut into tiles that start at the group's first row, so a tile
+holds one group only and each (tile, group) pair is visited once:
+  1. the wrapper lists the tiles (`_gmm_tiles`): per group, full `block_m`-row tiles, then the rest
+     in a `block_m` tile, or in a `block_m_small` tile when it fits one; then tiles that zero the
+     rows past the last group; slots beyond those are idle;
+  2. the grid runs over (tile slot, N tile); a program loads its rows with a masked load (rows
+     outside its range read as 0; near the end of x the load window is shifted back so that it
+     stays inside the array), runs the K loop once and stores its rows with a masked store;
+  3. every output row is written by exactly one program, so no atomics are needed.
+The issued MMA work over the useful FLOPs is `gmm_work_ratio` (rounding each group up to the tile
+sizes), about 1.06 at DeepSeek-V3's routed-expert shapes (docs/gpu.md).
 `tgmm(x, dy, group_sizes)` gives dw[g] = x[rows of g]^T @ dy[rows of g]: the grid runs over
-(K tile, N tile, group); a program loops over the M tiles of its group with rows masked. Empty groups
-loop zero times and write zeros. The backward of gmm is dx = gmm(dy, w^T) (w read transposed in the
-kernel, never copied) and dw = tgmm(x, dy).
+(K tile, N tile, group); a program loops over its group's rows in `block_m_t` chunks starting at the
+group's first row, loaded masked. Empty groups write zeros. The backward of gmm is
+dx = gmm(dy, w^T) (w read transposed in the kernel, never copied) and dw = tgmm(x, dy).
+
+Float32 inputs multiply in full float32 (`_common.dot_precision`), never TF32.
 
 Lowering: Pallas' Triton backend (`plgpu.CompilerParams`), as in `kernels.mla_attention`: the same
 API across jax 0.10 / 0.11 and every CUDA GPU from Ampere on, where Mosaic GPU's ragged-dot kernels
@@ -42,74 +48,95 @@ class BlockSizes:
   """Tile sizes (powers of two) of gmm and tgmm.
 
   Attributes:
-    block_m, block_k, block_n: gmm tile of x rows, contraction step, output columns.
+    block_m, block_m_small: gmm tile rows; a group's last tile uses block_m_small rows when its
+      remaining rows fit (0, or not below block_m: never).
+    block_k, block_n: gmm contraction step and output columns.
     block_m_t, block_k_t, block_n_t: tgmm contraction step over rows, dw tile rows / columns.
     num_warps, num_stages: Triton launch parameters (ignored in interpret mode).
   """
-  block_m: int = 128
+  block_m: int = 64
+  block_m_small: int = 32
   block_k: int = 64
   block_n: int = 128
-  block_m_t: int = 64
+  block_m_t: int = 32
   block_k_t: int = 128
   block_n_t: int = 128
-  num_warps: int = 8
+  num_warps: int = 4
   num_stages: int = 3
 
   def __post_init__(self):
     for f in ("block_m", "block_k", "block_n", "block_m_t", "block_k_t", "block_n_t"):
       _common.check_pow2(f"BlockSizes.{f}", getattr(self, f))
+    if self.block_m_small:
+      _common.check_pow2("BlockSizes.block_m_small", self.block_m_small)
 
   @classmethod
-  def get_default(cls, backend: str | None = None) -> "BlockSizes":
-    """Defaults per backend: H100/H200-sized tiles on GPU, small tiles for interpret mode."""
+  def get_default(cls, backend: str | None = None, dtype=None) -> "BlockSizes":
+    """Defaults per backend (H100/H200-sized tiles on GPU, small tiles for interpret mode) and dtype
+    (float32 tiles hold twice the bytes: narrower K steps)."""
     backend = backend or _common.backend()
     if backend == "gpu":
+      if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
+        return cls(block_k=16, block_k_t=64, block_n_t=64, num_stages=2)
       return cls()
-    return cls(block_m=32, block_k=32, block_n=32, block_m_t=32, block_k_t=32, block_n_t=32,
-               num_warps=4, num_stages=1)
+    return cls(block_m=32, block_m_small=16, block_k=32, block_n=32, block_m_t=16, block_k_t=32,
+               block_n_t=32, num_warps=4, num_stages=1)
 
 
-def gmm_kernel(offsets_ref, lo_ref, hi_ref, x_ref, w_ref, o_ref, *, block_m, block_k,
-               transpose_rhs):
-  """One (M tile, N tile): sum over the tile's groups of masked x @ w[g]."""
-  t = pl.program_id(0)
+def gmm_kernel(tiles_ref, x_ref, w_ref, o_ref, *, block_m, block_m_small, block_k, block_n,
+               transpose_rhs, precision):
+  """One (tile slot, N tile): rows [lo, hi) of group g times w[g] (g == G: zeros; g < 0: idle)."""
+  t, j = pl.program_id(0), pl.program_id(1)
+  g, lo, hi = tiles_ref[0, t], tiles_ref[1, t], tiles_ref[2, t]
+  m = x_ref.shape[0]
+  num_groups = w_ref.shape[0]
   num_k = x_ref.shape[1] // block_k
-  rows = t * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+  cols = pl.ds(j * block_n, block_n)
 
-  def group_body(g, acc):
-    start, end = offsets_ref[g], offsets_ref[g + 1]
-    in_group = ((rows >= start) & (rows < end))[:, None]
+  def product(rows_static):
+    # The load window starts at lo unless that would run past the end of x; rows outside
+    # [lo, hi) are masked on load and on store.
+    start = jnp.minimum(lo, m - rows_static)
+    rows = start + lax.broadcasted_iota(jnp.int32, (rows_static,), 0)
+    keep = ((rows >= lo) & (rows < hi))[:, None]
 
     def k_body(kk, acc):
       ks = pl.ds(kk * block_k, block_k)
-      xb = jnp.where(in_group, x_ref[:, ks], 0).astype(x_ref.dtype)
-      if transpose_rhs:      # w_ref block [G, block_n, K]: out = x @ w[g]^T
-        wb = w_ref[g, :, ks]
-        return acc + lax.dot_general(xb, wb, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-      wb = w_ref[g, ks, :]   # w_ref block [G, K, block_n]
-      return acc + jnp.dot(xb, wb, preferred_element_type=_F32)
+      xb = plgpu.load(x_ref.at[pl.ds(start, rows_static), ks], mask=keep, other=0)
+      if transpose_rhs:      # w_ref [G, N, K]: out = x @ w[g]^T
+        return acc + lax.dot_general(xb, w_ref[g, cols, ks], (((1,), (1,)), ((), ())),
+                                     precision=precision, preferred_element_type=_F32)
+      return acc + jnp.dot(xb, w_ref[g, ks, cols], precision=precision,
+                           preferred_element_type=_F32)
 
-    return lax.fori_loop(0, jnp.where(end > start, num_k, 0), k_body, acc)
+    acc = jnp.zeros((rows_static, block_n), _F32)
+    acc = lax.cond(g < num_groups, lambda a: lax.fori_loop(0, num_k, k_body, a), lambda a: a, acc)
+    plgpu.store(o_ref.at[pl.ds(start, rows_static), cols], acc.astype(o_ref.dtype), mask=keep)
 
-  acc = jnp.zeros(o_ref.shape, _F32)
-  acc = lax.fori_loop(lo_ref[t], hi_ref[t] + 1, group_body, acc)
-  o_ref[...] = acc.astype(o_ref.dtype)
+  @pl.when(g >= 0)
+  def _():
+    if block_m_small:
+      lax.cond(hi - lo <= block_m_small, lambda: product(block_m_small), lambda: product(block_m))
+    else:
+      product(block_m)
 
 
-def tgmm_kernel(offsets_ref, x_ref, dy_ref, o_ref, *, block_m):
-  """One (K tile, N tile, group): x[rows of g]^T @ dy[rows of g]."""
+def tgmm_kernel(offsets_ref, x_ref, dy_ref, o_ref, *, block_m, precision):
+  """One (K tile, N tile, group): x[rows of g]^T @ dy[rows of g], rows in chunks from the first."""
   g = pl.program_id(2)
+  m = x_ref.shape[0]
   start, end = offsets_ref[g], offsets_ref[g + 1]
-  first = start // block_m
-  count = jnp.where(end > start, lax.div(end + block_m - 1, block_m) - first, 0)
+  count = lax.div(jnp.maximum(end - start, 0) + block_m - 1, block_m)
 
   def body(i, acc):
-    tile = first + i
-    rs = pl.ds(tile * block_m, block_m)
-    rows = tile * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
-    in_group = ((rows >= start) & (rows < end))[:, None]
-    xb = jnp.where(in_group, x_ref[rs, :], 0).astype(x_ref.dtype)
-    return acc + lax.dot_general(xb, dy_ref[rs, :], (((0,), (0,)), ((), ())),
+    lo = start + i * block_m
+    base = jnp.minimum(lo, m - block_m)
+    rows = base + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    keep = ((rows >= lo) & (rows < end))[:, None]
+    rs = pl.ds(base, block_m)
+    xb = plgpu.load(x_ref.at[rs, :], mask=keep, other=0)
+    dyb = plgpu.load(dy_ref.at[rs, :], mask=keep, other=0)
+    return acc + lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=_F32)
 
   acc = lax.fori_loop(0, count, body, jnp.zeros(o_ref.shape, _F32))
@@ -126,46 +153,86 @@ def _pad2(x, rows, cols):
   return jnp.pad(x, ((0, pr), (0, pc))) if (pr or pc) else x
 
 
+def _num_tile_slots(m: int, g: int, block_m: int) -> int:
+  """Enough slots for every group's tiles (at most one partial tile per group) and the zero tail."""
+  return _common.cdiv(m, block_m) + g + 1
+
+
+def _gmm_tiles(group_sizes, m: int, block_m: int):
+  """[3, slots] int32 (group, first row, end row) per tile slot; group G zeroes rows past the last
+  group, group -1 is an idle slot."""
+  gs = jnp.maximum(jnp.asarray(group_sizes, jnp.int32), 0)
+  g = gs.shape[0]
+  offsets = _offsets(gs)
+  total = offsets[-1]
+  tail = jnp.maximum(m - total, 0)
+  counts = jnp.concatenate([lax.div(gs + block_m - 1, block_m),
+                            lax.div(tail + block_m - 1, block_m)[None]])         # [G + 1]
+  ends = jnp.cumsum(counts)
+  slot = jnp.arange(_num_tile_slots(m, g, block_m), dtype=jnp.int32)
+  grp = jnp.searchsorted(ends, slot, side="right").astype(jnp.int32)              # G + 1: idle
+  grp_c = jnp.minimum(grp, g)
+  local = slot - (ends[grp_c] - counts[grp_c])
+  starts = jnp.concatenate([offsets[:-1], total[None]])
+  group_end = jnp.concatenate([offsets[1:], jnp.full((1,), m, jnp.int32)])
+  lo = starts[grp_c] + local * block_m
+  hi = jnp.minimum(lo + block_m, group_end[grp_c])
+  grp = jnp.where(grp > g, -1, grp)
+  return jnp.stack([grp, lo, hi]).astype(jnp.int32)
+
+
+def gmm_work_ratio(group_sizes, k: int, n: int, block_sizes: BlockSizes) -> float:
+  """Issued MMA work of gmm over its useful FLOPs, counted from its tile list and loop bounds (the
+  backward's dx = gmm(dy, w^T) visits the same tiles)."""
+  gs = np.maximum(np.asarray(group_sizes, np.int64), 0)
+  bm, small = block_sizes.block_m, block_sizes.block_m_small
+  bn, bk = block_sizes.block_n, block_sizes.block_k
+  full, rest = gs // bm, gs % bm
+  rows_issued = full * bm + np.where(rest == 0, 0, np.where((rest <= small), small, bm))
+  issued = rows_issued.sum() * _common.round_up(k, bk) * _common.round_up(n, bn)
+  return float(issued / max(gs.sum() * k * n, 1))
+
+
+def tgmm_work_ratio(group_sizes, k: int, n: int, block_sizes: BlockSizes) -> float:
+  """Issued MMA work of tgmm over its useful FLOPs, counted from its grid and loop bounds."""
+  gs = np.maximum(np.asarray(group_sizes, np.int64), 0)
+  bm = block_sizes.block_m_t
+  rows_issued = (-(-gs // bm) * bm).sum()
+  issued = (rows_issued * _common.round_up(k, block_sizes.block_k_t)
+            * _common.round_up(n, block_sizes.block_n_t))
+  return float(issued / max(gs.sum() * k * n, 1))
+
+
 def _gmm_call(x, w, group_sizes, bs: BlockSizes, interpret: bool, transpose_rhs: bool):
   """out[M, N] = x @ w[g] (w [G,K,N]) or x @ w[g]^T (transpose_rhs, w [G,N,K])."""
   m, k = x.shape
   g = w.shape[0]
   n = w.shape[1] if transpose_rhs else w.shape[2]
   bm = _common.fit_block(bs.block_m, m)
+  small = bs.block_m_small if bs.block_m_small and bs.block_m_small < bm else 0
   bk = _common.fit_block(bs.block_k, k)
   bn = _common.fit_block(bs.block_n, n)
-  mp, kp, np_ = _common.round_up(m, bm), _common.round_up(k, bk), _common.round_up(n, bn)
+  # Rows are never padded (loads are masked) unless x has fewer rows than one tile.
+  mp, kp, np_ = max(m, bm), _common.round_up(k, bk), _common.round_up(n, bn)
   xp = _pad2(x, mp, kp)
   if transpose_rhs:
     wp = jnp.pad(w, ((0, 0), (0, np_ - n), (0, kp - k))) if (np_ != n or kp != k) else w
-    w_spec = pl.BlockSpec((g, bn, kp), lambda t, j: (0, j, 0))
   else:
     wp = jnp.pad(w, ((0, 0), (0, kp - k), (0, np_ - n))) if (np_ != n or kp != k) else w
-    w_spec = pl.BlockSpec((g, kp, bn), lambda t, j: (0, 0, j))
-
-  offsets = _offsets(group_sizes)
-  total = offsets[-1]
-  num_tiles = mp // bm
-  first = jnp.arange(num_tiles, dtype=jnp.int32) * bm
-  last = jnp.minimum(first + bm, total) - 1
-  # The group holding row r is the first g with offsets[g+1] > r (empty groups are skipped over).
-  lo = jnp.searchsorted(offsets[1:], first, side="right").astype(jnp.int32)
-  hi = jnp.searchsorted(offsets[1:], last, side="right").astype(jnp.int32)
-  hi = jnp.where(first < total, hi, lo - 1)       # tiles past the last row visit no group
+  tiles = _gmm_tiles(group_sizes, mp, bm)
   full = lambda a: pl.BlockSpec(a.shape, lambda t, j: (0,) * a.ndim)
-
   out = pl.pallas_call(
-      functools.partial(gmm_kernel, block_m=bm, block_k=bk, transpose_rhs=transpose_rhs),
-      grid=(num_tiles, np_ // bn),
-      in_specs=[full(offsets), full(lo), full(hi),
-                pl.BlockSpec((bm, kp), lambda t, j: (t, 0)), w_spec],
-      out_specs=pl.BlockSpec((bm, bn), lambda t, j: (t, j)),
+      functools.partial(gmm_kernel, block_m=bm, block_m_small=small, block_k=bk, block_n=bn,
+                        transpose_rhs=transpose_rhs, precision=_common.dot_precision(x.dtype)),
+      grid=(tiles.shape[1], np_ // bn),
+      in_specs=[full(tiles), full(xp), full(wp)],
+      out_specs=pl.BlockSpec((mp, np_), lambda t, j: (0, 0)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name="gmm",
-  )(offsets, lo, hi, xp, wp)
-  return out[:m, :n]
+  )(tiles, xp, wp)
+  return out[:m, :n] if (mp, np_) != (m, n) else out
 
 
 def _tgmm_call(x, dy, group_sizes, bs: BlockSizes, interpret: bool):
@@ -175,10 +242,10 @@ def _tgmm_call(x, dy, group_sizes, bs: BlockSizes, interpret: bool):
   bm = _common.fit_block(bs.block_m_t, m)
   bk = _common.fit_block(bs.block_k_t, k)
   bn = _common.fit_block(bs.block_n_t, n)
-  mp, kp, np_ = _common.round_up(m, bm), _common.round_up(k, bk), _common.round_up(n, bn)
-  offsets = _offsets(group_sizes)
+  mp, kp, np_ = max(m, bm), _common.round_up(k, bk), _common.round_up(n, bn)
+  offsets = _offsets(jnp.maximum(group_sizes, 0))
   out = pl.pallas_call(
-      functools.partial(tgmm_kernel, block_m=bm),
+      functools.partial(tgmm_kernel, block_m=bm, precision=_common.dot_precision(x.dtype)),
       grid=(kp // bk, np_ // bn, g),
       in_specs=[pl.BlockSpec(offsets.shape, lambda a, b, c: (0,)),
                 pl.BlockSpec((mp, bk), lambda a, b, c: (0, a)),
@@ -189,7 +256,7 @@ def _tgmm_call(x, dy, group_sizes, bs: BlockSizes, interpret: bool):
       interpret=interpret,
       name="tgmm",
   )(offsets, _pad2(x, mp, kp), _pad2(dy, mp, np_))
-  return out[:, :k, :n]
+  return out[:, :k, :n] if (kp, np_) != (k, n) else out
 
 
 def _check(x, w, group_sizes):
@@ -240,7 +307,7 @@ def gmm(x, w, group_sizes, *, block_sizes: BlockSizes | None = None,
   _check(x, w, group_sizes)
   if x.dtype != w.dtype:
     raise ValueError(f"x dtype {x.dtype} != w dtype {w.dtype}")
-  bs = block_sizes or BlockSizes.get_default()
+  bs = block_sizes or BlockSizes.get_default(dtype=x.dtype)
   return _gmm(x, w, group_sizes.astype(jnp.int32), bs, _common.resolve_interpret(interpret))
 
 
@@ -261,7 +328,7 @@ def tgmm(x, dy, group_sizes, *, block_sizes: BlockSizes | None = None,
   """
   if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
     raise ValueError(f"x [M,K] and dy [M,N] must share M; got {x.shape}, {dy.shape}")
-  bs = block_sizes or BlockSizes.get_default()
+  bs = block_sizes or BlockSizes.get_default(dtype=x.dtype)
   return _tgmm_call(x, dy.astype(x.dtype), group_sizes.astype(jnp.int32), bs,
                     _common.resolve_interpret(interpret))
 

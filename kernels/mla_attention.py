@@ -8,6 +8,8 @@ Algorithm (FlashAttention-2):
      `p = exp(s - lse)` for every query block and accumulates dk, dv; a second kernel per query block
      accumulates dq. Nothing of size S x S is ever stored.
 
+Float32 inputs multiply in full float32 (`_common.dot_precision`), never TF32.
+
 Lowering: Pallas' Triton backend (`pl.pallas_call` with `plgpu.CompilerParams`). It exists and
 behaves the same in jax 0.10 and 0.11, runs on every CUDA GPU from Ampere on, and needs no
 warp-group specific code, where the Mosaic GPU backend targets Hopper only and still changes its API
@@ -59,13 +61,22 @@ class BlockSizes:
       _common.check_pow2(f"BlockSizes.{f}", getattr(self, f))
 
   @classmethod
-  def get_default(cls, backend: str | None = None) -> "BlockSizes":
-    """Defaults per backend: H100/H200-sized tiles on GPU, small tiles for interpret mode."""
+  def get_default(cls, backend: str | None = None, dtype=None) -> "BlockSizes":
+    """Defaults per backend (H100/H200-sized tiles on GPU, small tiles for interpret mode) and dtype:
+    float32 tiles hold twice the bytes and its full-precision dots run on the FMA units, so they
+    are smaller (within Hopper's 232,448 B of shared memory and 255 registers, docs/gpu.md)."""
     backend = backend or _common.backend()
     if backend == "gpu":
+      if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
+        return cls(block_q=32, block_k=32, block_q_dkv=16, block_k_dkv=32, block_q_dq=16,
+                   block_k_dq=16, num_warps=8, num_stages=1)
       return cls()
     return cls(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32,
                block_k_dq=32, num_warps=4, num_stages=1)
+
+
+def _prec(x):
+  return _common.dot_precision(x.dtype)
 
 
 def _load_chunks(ref, rows, chunks):
@@ -76,7 +87,8 @@ def _scores(q_parts, k_parts, sm_scale):
   """sm_scale * q k^T in fp32, summed over the head-dim chunks."""
   s = None
   for qc, kc in zip(q_parts, k_parts):
-    d = lax.dot_general(qc, kc, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    d = lax.dot_general(qc, kc, (((1,), (1,)), ((), ())), precision=_prec(qc),
+                        preferred_element_type=_F32)
     s = d if s is None else s + d
   return s * sm_scale
 
@@ -126,7 +138,7 @@ def flash_attention_forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_sc
       p = jnp.where(mask, p, 0.0)
     l_new = alpha * l_prev + jnp.sum(p, axis=1)
     v_parts = _load_chunks(v_ref, rows, v_chunks)
-    accs = tuple(a * alpha[:, None] + jnp.dot(p.astype(vc.dtype), vc, preferred_element_type=_F32)
+    accs = tuple(a * alpha[:, None] + jnp.dot(p.astype(vc.dtype), vc, precision=_prec(vc), preferred_element_type=_F32)
                  for a, vc in zip(accs, v_parts))
     return m_new, l_new, accs
 
@@ -167,14 +179,15 @@ def flash_attention_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
       p = jnp.where(mask, p, 0.0)
     dp = None
     for doc, vc in zip(do_parts, v_parts):
-      d = lax.dot_general(doc, vc, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+      d = lax.dot_general(doc, vc, (((1,), (1,)), ((), ())), precision=_prec(vc),
+                          preferred_element_type=_F32)
       dp = d if dp is None else dp + d
     ds = p * (dp - delta_ref[rows][:, None])
     dvs = tuple(acc + lax.dot_general(p.astype(doc.dtype), doc, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=_F32)
+                                      precision=_prec(doc), preferred_element_type=_F32)
                 for acc, doc in zip(dvs, do_parts))
     dks = tuple(acc + lax.dot_general(ds.astype(qc.dtype), qc, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=_F32)
+                                      precision=_prec(qc), preferred_element_type=_F32)
                 for acc, qc in zip(dks, q_parts))
     return dks, dvs
 
@@ -213,10 +226,12 @@ def flash_attention_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
       p = jnp.where(mask, p, 0.0)
     dp = None
     for doc, vc in zip(do_parts, v_parts):
-      d = lax.dot_general(doc, vc, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+      d = lax.dot_general(doc, vc, (((1,), (1,)), ((), ())), precision=_prec(vc),
+                          preferred_element_type=_F32)
       dp = d if dp is None else dp + d
     ds = p * (dp - delta[:, None])
-    return tuple(acc + jnp.dot(ds.astype(kc.dtype), kc, preferred_element_type=_F32)
+    return tuple(acc + jnp.dot(ds.astype(kc.dtype), kc, precision=_prec(kc),
+                                 preferred_element_type=_F32)
                  for acc, kc in zip(dqs, k_parts))
 
   upper = (_causal_k_blocks((i + 1) * block_q, offset, block_k, num_k_blocks) if causal
@@ -375,7 +390,7 @@ def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = No
     v: [B, Sk, H, Dv] values; Dv may differ from Dqk (DeepSeek: 192 / 128).
     causal: mask keys after each query; queries are aligned to the end of the keys.
     sm_scale: logit scale, default Dqk**-0.5 (fold YaRN's mscale**2 in here). A Python float.
-    block_sizes: tile sizes; default `BlockSizes.get_default()` for the current backend.
+    block_sizes: tile sizes; default `BlockSizes.get_default()` for the backend and q's dtype.
     interpret: run Pallas in interpret mode; None means interpret on CPU only.
 
   Returns:
@@ -392,7 +407,7 @@ def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = No
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
   scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-  bs = block_sizes or BlockSizes.get_default()
+  bs = block_sizes or BlockSizes.get_default(dtype=q.dtype)
   return _flash(q, k, v, scale, bool(causal), bs, _common.resolve_interpret(interpret))
 
 

@@ -19,6 +19,8 @@ Algorithm:
 The row block is the fastest grid axis, so the programs that read the same cache split run side by
 side and the cache comes from HBM about once.
 
+Float32 inputs multiply in full float32 (`_common.dot_precision`), never TF32.
+
 Lowering: Pallas' Triton backend, as in `kernels.mla_attention` (same API across jax 0.10 / 0.11,
 any CUDA GPU from Ampere on; Mosaic GPU is Hopper-only and still moving). Interpret mode on CPU.
 """
@@ -53,7 +55,7 @@ class BlockSizes:
     num_warps, num_stages: Triton launch parameters (ignored in interpret mode).
   """
   block_rows: int = 64
-  block_k: int = 64
+  block_k: int = 32
   num_splits: int | None = None
   min_split: int = 512
   num_warps: int = 8
@@ -66,10 +68,13 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.num_splits={self.num_splits} must be >= 1")
 
   @classmethod
-  def get_default(cls, backend: str | None = None) -> "BlockSizes":
-    """Defaults per backend: H100/H200-sized tiles on GPU, small tiles for interpret mode."""
+  def get_default(cls, backend: str | None = None, dtype=None) -> "BlockSizes":
+    """Defaults per backend (H100/H200-sized tiles on GPU, small tiles for interpret mode) and dtype
+    (float32 cache tiles hold twice the bytes: fewer rows per step; docs/gpu.md)."""
     backend = backend or _common.backend()
     if backend == "gpu":
+      if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
+        return cls(block_rows=32, block_k=16, num_warps=8, num_stages=2)
       return cls()
     return cls(block_rows=32, block_k=32, num_splits=2, min_split=32, num_warps=4, num_stages=1)
 
@@ -90,14 +95,18 @@ def mla_decode_kernel(len_ref, qc_ref, qpe_ref, ckv_ref, kpe_ref, o_ref, m_ref, 
   def body(j, carry):
     m_prev, l_prev, accs = carry
     kr = pl.ds(j * block_k, block_k)
-    ck = [ckv_ref[kr, pl.ds(a, n)] for a, n in c_chunks]
-    kp = [kpe_ref[kr, pl.ds(a, n)] for a, n in r_chunks]
+    t = split_start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    # Cache rows at or past the length may hold anything (stale, NaN; 0 * NaN would leak into
+    # the sums): they are masked at the load and read as 0.
+    in_cache = (t < length)[:, None]
+    ck = [plgpu.load(ckv_ref.at[kr, pl.ds(a, n)], mask=in_cache, other=0) for a, n in c_chunks]
+    kp = [plgpu.load(kpe_ref.at[kr, pl.ds(a, n)], mask=in_cache, other=0) for a, n in r_chunks]
     sc = None
     for x, y in zip(qc + qpe, ck + kp):
-      d = lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+      d = lax.dot_general(x, y, (((1,), (1,)), ((), ())), precision=_common.dot_precision(x.dtype),
+                          preferred_element_type=_F32)
       sc = d if sc is None else sc + d
     sc = sc * sm_scale
-    t = split_start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     mask = t[None, :] <= last[:, None]
     sc = jnp.where(mask, sc, _common.MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
@@ -105,10 +114,10 @@ def mla_decode_kernel(len_ref, qc_ref, qpe_ref, ckv_ref, kpe_ref, o_ref, m_ref, 
     # The where keeps rows with no visible key at exactly zero weight (their max is MASK_VALUE).
     p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
     l_new = alpha * l_prev + jnp.sum(p, axis=1)
-    # Cache rows at or past the length may hold anything (stale, NaN); 0 * NaN would leak.
-    in_cache = (t < length)[:, None]
-    accs = tuple(a * alpha[:, None] + jnp.dot(p.astype(c.dtype), jnp.where(in_cache, c, 0).astype(
-        c.dtype), preferred_element_type=_F32) for a, c in zip(accs, ck))
+    accs = tuple(a * alpha[:, None] + jnp.dot(p.astype(c.dtype), c,
+                                              precision=_common.dot_precision(c.dtype),
+                                              preferred_element_type=_F32)
+                 for a, c in zip(accs, ck))
     return m_new, l_new, accs
 
   m0 = jnp.full((block_rows,), _common.MASK_VALUE, _F32)
@@ -174,7 +183,7 @@ def mla_decode(q_c, q_pe, c_kv, k_pe, lengths, *, sm_scale: float,
   if not (q_c.dtype == q_pe.dtype == c_kv.dtype == k_pe.dtype):
     raise ValueError(f"dtypes differ: q_c {q_c.dtype}, q_pe {q_pe.dtype}, c_kv {c_kv.dtype}, "
                      f"k_pe {k_pe.dtype}")
-  bs = block_sizes or BlockSizes.get_default()
+  bs = block_sizes or BlockSizes.get_default(dtype=c_kv.dtype)
   interpret = _common.resolve_interpret(interpret)
 
   rows = sq * h
