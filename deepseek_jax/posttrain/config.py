@@ -3,8 +3,9 @@
 `default_config()` lists every field; `experiments/configs/sft_tiny.py` and `grpo_tiny.py` change values.
   model.preset, model.<ModelConfig field>, precision     (as in `training.config`)
   seed, init_from ('' = a fresh model; else a run workdir, or a converted checkpoint directory)
-  task.{terms, max_value, eval_fraction, problems}  (the ChainSum task; problems: a JSONL of
-    {'prompt', 'answer'} that replaces it for GRPO)
+  task.{terms, max_value, eval_fraction, teacher_error, problems}  (the ChainSum task; teacher_error: the
+    share of SFT demonstrations whose last addition is one too high; problems: a JSONL of {'prompt',
+    'answer'} that replaces the task for GRPO)
   sft.{steps, batch_size, seq_len, lr, data ('' = the task's worked solutions), examples (how many)}
   grpo.{steps, prompts_per_step, group_size, max_new_tokens, prompt_len, temperature, epochs, minibatches,
     lr, normalization ('grpo' | 'dapo' | 'dr_grpo'), clip_low, clip_high, kl_coef, replay ('auto' = on for
@@ -32,7 +33,8 @@ def default_config() -> config_dict.ConfigDict:
   c.seed = 0
   c.init_from = ""
 
-  c.task = config_dict.ConfigDict(dict(terms=3, max_value=9, eval_fraction=0.2, problems=""))
+  c.task = config_dict.ConfigDict(dict(terms=3, max_value=9, eval_fraction=0.2, teacher_error=0.0,
+                                       problems=""))
   c.sft = config_dict.ConfigDict(dict(steps=200, batch_size=32, seq_len=64, lr=3e-3, data="",
                                       examples=4096))
   c.grpo = config_dict.ConfigDict(dict(

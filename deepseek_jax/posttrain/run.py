@@ -184,8 +184,8 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     if s.data:
       examples = sft_lib.load_examples(s.data)
     else:
-      problems = task.sample(np.random.default_rng([int(config.seed), 1]), int(s.examples), "train")
-      examples = [{"prompt": p.prompt, "response": p.solution} for p in problems]
+      examples = task.demonstrations(np.random.default_rng([int(config.seed), 1]), int(s.examples),
+                                     float(config.task.teacher_error))
     rows = sft_lib.example_rows(tokenizer, examples, int(s.seq_len))
   except ValueError as e:
     raise UserError(f"config.sft.data{'=' + s.data if s.data else ' (task examples)'}: {e}") from e
@@ -317,6 +317,16 @@ def _problems(config, task):
   return (lambda rng, n: task.sample(rng, n, "train")), held
 
 
+def _check_prompts(config, tokenizer, held_out) -> None:
+  """Every prompt of a problems file (or the held-out set) fits config.grpo.prompt_len with its bos."""
+  pool = load_problems(config.task.problems) if config.task.problems else held_out
+  for i, p in enumerate(pool):
+    n = len(tokenizer.encode(p.prompt)) + 1
+    if n > config.grpo.prompt_len:
+      raise UserError(f"problem {i} ({p.prompt[:40]!r}) has {n} tokens with bos, more than "
+                      f"config.grpo.prompt_len={config.grpo.prompt_len}")
+
+
 def run_grpo(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) GRPO (see module docstring).
 
@@ -336,6 +346,8 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
   reward_fns = _reward_fns(config)
   task = _task(config)
   draw, held_out = _problems(config, task)
+  tokenizer = _tokenizer(config.init_from, cfg)
+  _check_prompts(config, tokenizer, held_out)
   model = DeepSeekV3(cfg)
   moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
   replay = moe if g.replay == "auto" else g.replay == "on"
@@ -368,7 +380,6 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
                                         variables=variables)
     ref = jax.tree.map(lambda x: x.copy(), state.variables)
     start = 0
-  tokenizer = _tokenizer(init_from, cfg)
   _write_run_files(workdir, tokenizer, cfg)
 
   step_fn = make_grpo_step(model, tx, loss_cfg, lr=float(g.lr), temperature=float(g.temperature),
@@ -388,7 +399,7 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
   summary.update(eval_accuracy_before=None, eval_accuracy=None, reward_first=None, reward_last=None)
   step, step_times = start, []
   try:
-    if start == 0:
+    if start == 0 and config.eval_every:
       summary["eval_accuracy_before"] = summary["eval_accuracy"] = accuracy(state.variables)
       writer.write(0, {"eval_accuracy": summary["eval_accuracy"]})
     with _stop_on_signal() as stop:

@@ -59,14 +59,28 @@ class ChainSum:
     h = zlib.crc32(",".join(map(str, numbers)).encode()) / 2**32
     return "eval" if h < self.eval_fraction else "train"
 
-  def problem(self, numbers: Sequence[int]) -> Problem:
-    """The problem of these numbers with its worked solution."""
+  def problem(self, numbers: Sequence[int], slip: int = 0) -> Problem:
+    """The problem of these numbers with its worked solution; `slip` is added to the last partial sum of
+    the solution (a demonstration with an arithmetic error; the reference answer stays correct)."""
     steps, acc = [], int(numbers[0])
-    for x in numbers[1:]:
-      steps.append(f"{acc}+{int(x)}={acc + int(x)}")
-      acc += int(x)
+    for i, x in enumerate(numbers[1:], start=2):
+      total = acc + int(x)
+      steps.append(f"{acc}+{int(x)}={total + (slip if i == len(numbers) else 0)}")
+      acc = total
     prompt = "+".join(str(int(x)) for x in numbers) + "="
-    return Problem(prompt, str(acc), f"<think>{','.join(steps)}</think><answer>{acc}</answer>")
+    return Problem(prompt, str(acc), f"<think>{','.join(steps)}</think><answer>{acc + slip}</answer>")
+
+  def demonstrations(self, rng: np.random.Generator, n: int, error_rate: float = 0.0) -> list[dict]:
+    """n SFT examples {'prompt', 'response'} of training problems, a share error_rate of them (chosen by
+    rng) from a teacher whose last addition is one too high."""
+    if not 0.0 <= error_rate <= 1.0:
+      raise ValueError(f"error_rate={error_rate} must be in [0, 1]")
+    out = []
+    for p in self.sample(rng, n, "train"):
+      numbers = [int(x) for x in p.prompt[:-1].split("+")]
+      slip = int(rng.random() < error_rate)
+      out.append({"prompt": p.prompt, "response": self.problem(numbers, slip).solution})
+    return out
 
   def sample(self, rng: np.random.Generator, n: int, split: str = "train", *,
              distinct: bool = False) -> list[Problem]:
