@@ -98,3 +98,13 @@ def test_cli_exit_status(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
       "error: config.grpo.group_size=1: group-normalized advantages need G >= 2"]
+
+
+@pytest.mark.parametrize("name", ["sft_tiny", "grpo_tiny"])
+def test_configs_build(name):
+  import importlib
+  from deepseek_jax.training import model_config
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  cfg = model_config(config)
+  assert cfg.vocab_size == 259 and not cfg.scan_layers and cfg.num_nextn_predict_layers == 0
+  assert config.grpo.prompt_len + config.grpo.max_new_tokens <= cfg.max_position_embeddings
