@@ -44,18 +44,19 @@ def expert_mismatch(a, b, valid):
   """Share of (token, MoE layer) pairs whose expert sets differ between two routings.
 
   Args:
-    a, b: routing trees of the same layers (leaves [B, S, K]; each cut to S positions).
-    valid: [B, S] 1 where the token was routed in both (the fed positions).
+    a, b: routing trees of the same layers, leaves [B, S', K] or flat [B * S', K] (as a forward records
+      them), S' >= S.
+    valid: [B, S] 1 where the token was routed in both (the fed positions); positions past S are ignored.
   Returns:
     float32 scalar in [0, 1].
   """
   valid = valid.astype(jnp.float32)
+  rows, s = valid.shape
   diff, count = jnp.float32(0.0), jnp.float32(0.0)
   for x, y in zip(experts_of(a), experts_of(b)):
-    s = x.shape[1]
-    x = jnp.sort(x.reshape(y.shape[0], -1, y.shape[-1])[:, :s], axis=-1)
-    y = jnp.sort(y[:, :s], axis=-1)
+    x = jnp.sort(x.reshape(rows, -1, x.shape[-1])[:, :s], axis=-1)
+    y = jnp.sort(y.reshape(rows, -1, y.shape[-1])[:, :s], axis=-1)
     differs = jnp.any(x != y, axis=-1).astype(jnp.float32)
-    diff += (differs * valid[:, :s]).sum()
-    count += valid[:, :s].sum()
+    diff += (differs * valid).sum()
+    count += valid.sum()
   return diff / jnp.maximum(count, 1.0)
