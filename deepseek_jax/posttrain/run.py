@@ -206,7 +206,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
       state, tx, shardings = init_state(model, tx_factory, rng, int(s.seq_len), state_sharding_fn,
                                         variables=variables)
     start = 0
-  step_fn = make_sft_step_for(config, model, tx, shardings)
+  step_fn = _sft_step(config, model, tx, shardings)
   writer = MetricsWriter(workdir)
   progress = _progress(config, int(s.steps), start)
   summary: dict[str, Any] = {"first_loss": None, "last_loss": None, "eval_accuracy": None}
@@ -250,7 +250,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def make_sft_step_for(config, model, tx, shardings):
+def _sft_step(config, model, tx, shardings):
   """The SFT step of a config (learning rate, balance settings, state layout)."""
   return sft_lib.make_sft_step(model, tx, lr=float(config.sft.lr), alpha=float(config.balance.alpha),
                                gamma=float(config.balance.gamma), state_sharding=shardings)
