@@ -52,7 +52,8 @@ def kernel_specs(tmp_path_factory):
 def test_notebooks_exist():
   names = [p.name for p in PATHS]
   assert names == ["01_architecture_tour.ipynb", "02_mla.ipynb", "03_moe_routing.ipynb",
-                   "04_train_and_generate.ipynb", "05_cost_of_deepseek_v3.ipynb", "06_kernels.ipynb"]
+                   "04_train_and_generate.ipynb", "05_cost_of_deepseek_v3.ipynb", "06_kernels.ipynb",
+                   "07_grpo.ipynb"]
   for p in PATHS:
     assert p.stat().st_size <= MAX_STORED_BYTES, f"{p.name}: {p.stat().st_size} bytes stored"
     nb = nbformat.read(p, as_version=4)

@@ -57,8 +57,7 @@ def plain_prefill(settings: DecodeSettings, cache_dtype, variables, tokens, leng
   cache_len, tok_len = buffer_lengths(p, settings.max_new_tokens, 0)
   cache = init_cache(cfg, b, cache_len, cache_dtype)
   zeros = jnp.zeros((b,), jnp.int32)
-  _, logits, _, layers = model.apply(variables, tokens, None, cache=cache["layers"], cache_start=zeros,
-                                     absorbed=False, method=DeepSeekV3.main)
+  (_, logits, _, layers), routing = _apply_main(settings, variables, tokens, cache["layers"], zeros, False)
   first_logits = row_slice(logits, lengths - 1, 1)[:, 0]
   first = sample(step_key(key, 0), first_logits, settings.sampling)
   buf = jnp.zeros((b, tok_len), jnp.int32).at[:, :p].set(tokens)
@@ -70,6 +69,9 @@ def plain_prefill(settings: DecodeSettings, cache_dtype, variables, tokens, leng
            "key": key, "eos_id": eos_id, "cache": {"layers": layers, "mtp": cache["mtp"]}}
   if settings.keep_logits:
     state["logits"] = init_logits(settings, first_logits)
+  if settings.record_routing:
+    state["routing"] = jax.tree.map(
+        lambda r: jnp.zeros((b, tok_len) + r.shape[2:], r.dtype).at[:, :p].set(r), routing)
   return state
 
 
@@ -78,8 +80,8 @@ def plain_step(settings: DecodeSettings, variables, state):
   model = settings.model
   n, active = state["n"], ~state["done"]
   last = row_slice(state["tokens"], n - 1, 1)
-  _, logits, _, layers = model.apply(variables, last, None, cache=state["cache"]["layers"],
-                                     cache_start=n - 1, absorbed=True, method=DeepSeekV3.main)
+  (_, logits, _, layers), routing = _apply_main(settings, variables, last, state["cache"]["layers"], n - 1,
+                                                True)
   step = state["step"] + 1
   nxt = sample(step_key(state["key"], step), logits[:, 0], settings.sampling)
   old = row_slice(state["tokens"], n, 1)[:, 0]
@@ -91,7 +93,30 @@ def plain_step(settings: DecodeSettings, variables, state):
              cache={"layers": layers, "mtp": state["cache"]["mtp"]})
   if settings.keep_logits:
     new["logits"] = store_logits(state, logits, active)
+  if settings.record_routing:
+    new["routing"] = jax.tree.map(
+        lambda buf, r: row_update(buf, jnp.where(active.reshape((-1,) + (1,) * (r.ndim - 1)), r,
+                                                 row_slice(buf, n - 1, 1)), n - 1),
+        state["routing"], routing)
   return new
+
+
+# ------------------------------------------------------------------------------------------ routing record
+def _apply_main(settings: DecodeSettings, variables, tokens, cache, cache_start, absorbed: bool):
+  """The main model over tokens [B, S] with the cache; returns (main's outputs, routing or None).
+
+  With settings.record_routing the routing is {MoE layer path: {'experts' int32 [B, S, K], 'weights'
+  float32 [B, S, K]}} (the model's 'routing' collection), else None."""
+  model = settings.model
+  if not settings.record_routing:
+    return model.apply(variables, tokens, None, cache=cache, cache_start=cache_start, absorbed=absorbed,
+                       method=DeepSeekV3.main), None
+  if settings.cfg.scan_layers:
+    raise ValueError("recording the routing needs per-layer modules (scan_layers=False)")
+  out, rec = model.apply(variables, tokens, None, cache=cache, cache_start=cache_start, absorbed=absorbed,
+                         method=DeepSeekV3.main, mutable=["routing"])
+  b, s = tokens.shape
+  return out, jax.tree.map(lambda r: r.reshape((b, s) + r.shape[1:]), rec.get("routing", {}))
 
 
 def decode_loop(settings: DecodeSettings, variables, state, stop_step):
@@ -199,7 +224,7 @@ def generate(model: DeepSeekV3, variables, prompt_ids, *, max_new_tokens: int, t
              top_k: int = 0, top_p: float = 1.0, rng=None, speculative: bool = False,
              eos_id: Optional[int] = None, pad_id: Optional[int] = None,
              prompt_lengths: Optional[Sequence[int]] = None, cache_dtype=None,
-             return_stats: bool = False, return_logits: bool = False,
+             return_stats: bool = False, return_logits: bool = False, return_routing: bool = False,
              on_tokens: Optional[Callable[[list], None]] = None, chunk_steps: int = 16):
   """Generates max_new_tokens tokens per prompt row.
 
@@ -222,12 +247,17 @@ def generate(model: DeepSeekV3, variables, prompt_ids, *, max_new_tokens: int, t
     return_stats: also return a dict of statistics.
     return_logits: also return float32 [B, max_new_tokens, V] logits: entry i is the model's (unfiltered)
       next-token logits from which new token i was chosen (zeros past a row's end).
+    return_routing: also return the routing every token took (plain decoding, per-layer modules): a tree
+      {MoE layer path: {'experts' int32 [B, P + max_new_tokens, K], 'weights' float32 [...]}} whose
+      position t of row b is token t of that row's own sequence (its prompt_lengths[b] prompt tokens, then
+      its new tokens); positions never fed to the model (its last token, padding) hold no meaning.  The
+      model's 'replay' collection takes the same tree (`deepseek_jax.posttrain.replay`).
     on_tokens: streaming callback; called after prefill and after every `chunk_steps` loop iterations with
       a list (one per row) of int numpy arrays holding the tokens that row produced since the last call.
     chunk_steps: loop iterations per compiled call when streaming.
   Returns:
-    int32 [B, max_new_tokens] new token ids; with return_logits and/or return_stats, the tuple
-    (ids, logits, stats) without the parts not asked for.  stats has `steps` (loop iterations),
+    int32 [B, max_new_tokens] new token ids; with return_logits, return_routing and/or return_stats, the
+    tuple (ids, logits, routing, stats) without the parts not asked for.  stats has `steps` (loop iterations),
     `new_tokens` (total valid new tokens), `prefill_s`, `decode_s`, `compile_s`, `tokens_per_s` (new tokens
     / (prefill_s + decode_s), compilation excluded), `tokens_per_step` (tokens a row gains per loop
     iteration), and with speculative decoding `acceptance_rate` (accepted / proposed drafts over all rows
@@ -245,10 +275,13 @@ def generate(model: DeepSeekV3, variables, prompt_ids, *, max_new_tokens: int, t
     raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
   if chunk_steps < 1:
     raise ValueError(f"chunk_steps={chunk_steps} must be positive")
+  if return_routing and speculative:
+    raise ValueError("return_routing=True records plain decoding only; pass speculative=False")
   tokens, lengths = prepare_prompts(cfg, prompt_ids, prompt_lengths, max_new_tokens)
   eos = -1 if eos_id is None else int(eos_id)
   pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-  settings = DecodeSettings(model, sampling, int(max_new_tokens), bool(speculative), bool(return_logits))
+  settings = DecodeSettings(model, sampling, int(max_new_tokens), bool(speculative), bool(return_logits),
+                            bool(return_routing))
   cache_dtype = jnp.dtype(cfg.dtype if cache_dtype is None else cache_dtype)
   rng = 0 if rng is None else rng
   key = jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng
@@ -291,6 +324,8 @@ def generate(model: DeepSeekV3, variables, prompt_ids, *, max_new_tokens: int, t
   if return_logits:
     valid = np.arange(max_new_tokens)[None] < count[:, None]
     result.append(jnp.where(jnp.asarray(valid)[..., None], state["logits"][:, :max_new_tokens], 0.0))
+  if return_routing:
+    result.append(jax.tree.map(lambda r: r[:, :tokens.shape[1] + max_new_tokens], state["routing"]))
   if not return_stats:
     return result[0] if len(result) == 1 else tuple(result)
   steps = int(state["step"])

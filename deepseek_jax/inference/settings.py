@@ -23,12 +23,14 @@ class DecodeSettings:
     max_new_tokens: tokens generated per row.
     speculative: verify MTP drafts each step instead of decoding one token.
     keep_logits: also keep the logits every new token was chosen from.
+    record_routing: also keep every token's routed experts and gate weights (plain decoding).
   """
   model: Any
   sampling: SamplingParams
   max_new_tokens: int
   speculative: bool = False
   keep_logits: bool = False
+  record_routing: bool = False
 
   @property
   def cfg(self) -> ModelConfig:

@@ -82,5 +82,33 @@ class Router(nn.Module):
                                        ("expert_gate",))).value
       bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
     idx, weights = select_experts(cfg, scores, bias)
+    idx, weights = self._replay_and_record(scores, idx, weights)
     tokens_per_expert, balance = balance_statistics(cfg, scores, idx, batch)
     return idx, weights, {"tokens_per_expert": tokens_per_expert, "balance_loss": balance}
+
+  # ---------------------------------------------------------------------------------------- routing replay
+  # Collection 'replay' (input, read-only): `experts` int [.., K] (and optionally `weights` [.., K]) per
+  # token of this call, routing it exactly so; without `weights` the gate weights are those of the current
+  # scores at the replayed experts (the router keeps its gradient).  Collection 'routing' (output, when
+  # mutable): the `experts` [T, K] and `weights` [T, K] this call used.
+  def _replay_and_record(self, scores, idx, weights):
+    cfg = self.cfg
+    k = cfg.num_experts_per_tok
+    if self.has_variable("replay", "experts"):
+      idx = self.get_variable("replay", "experts").reshape(-1, k).astype(jnp.int32)
+      if self.has_variable("replay", "weights"):
+        weights = self.get_variable("replay", "weights").reshape(-1, k).astype(jnp.float32)
+      else:
+        weights = gate_weights(cfg, scores, idx)
+    if self.is_mutable_collection("routing"):
+      self.put_variable("routing", "experts", idx)
+      self.put_variable("routing", "weights", weights)
+    return idx, weights
+
+
+def gate_weights(cfg: ModelConfig, scores, idx):
+  """Gate weights [T, K] of given experts idx [T, K] from float32 scores [T, E] (step 4)."""
+  weights = jnp.take_along_axis(scores, idx, axis=-1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return weights * cfg.routed_scaling_factor
