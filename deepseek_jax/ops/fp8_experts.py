@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.dispatch import combine, permute, sort_by_expert
-from deepseek_jax.layers import fp8
+from deepseek_jax.ops import fp8
 from deepseek_jax.ops import moe_dispatch
 from deepseek_jax.ops.backend import on_gpu, resolve, vary_like
 
