@@ -11,6 +11,7 @@ import pytest
 import deepseek_jax as dsj
 from deepseek_jax.layers.router import select_experts
 from deepseek_jax.layers.transformer import DecoderLayer
+from deepseek_jax.ops import impls
 
 
 def _init(cfg, b=2, s=24, seed=0):
@@ -182,7 +183,7 @@ def test_mtp_logits_against_equation_21(tiny_cfg):
   concat = np.concatenate([_rms(emb, mp["enorm"]["weight"], eps),
                            _rms(out.hidden, mp["hnorm"]["weight"], eps)], axis=-1)
   h_in = concat @ np.asarray(mp["eh_proj"]["kernel"], np.float64)
-  block = DecoderLayer(tiny_cfg, moe=True)
+  block = DecoderLayer(impls.resolve_config(tiny_cfg), moe=True)   # layers take concrete choices
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   h1, _, _ = block.apply({"params": mp["block"], "router": variables["router"]["mtp_0"]["block"]},
                          jnp.asarray(h_in, jnp.float32), positions)
