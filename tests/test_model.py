@@ -125,7 +125,7 @@ def _from_embeddings(m, e):  # pylint: disable=invalid-name
 
 
 def _router_reference(cfg, logits, bias):
-  """NumPy transcription of REFERENCE.md's gate description, one token at a time."""
+  """NumPy transcription of the gate (docs/reference.md), one token at a time."""
   e, k, g = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
   out_idx, out_w = [], []
   for row in np.asarray(logits, np.float64):

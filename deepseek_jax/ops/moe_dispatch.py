@@ -129,9 +129,8 @@ def chains_for(num_blocks: int, block: int) -> int:
 
 
 # The blocked experts run as this many independent chains (gathers, batched matmuls, activations) over
-# contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly (Eigen runs
-# it on one thread, YNN at about 1.3x that on two), while its thunk executor runs independent ops on idle
-# threads.
+# contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly, while its
+# thunk executor runs independent ops on idle threads.
 BLOCK_CHAINS = 4
 MIN_CHAIN_ROWS = 1024
 

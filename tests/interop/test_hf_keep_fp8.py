@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax.interop import hf, hf_names, safetensors_io
+from deepseek_jax.interop import fp8_variables, hf, hf_names, safetensors_io
 from deepseek_jax.interop.placement import abstract_variables
-from deepseek_jax.interop import fp8_variables
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 # Widths past 128 with ragged edge blocks (200 = 128 + 72, expert width 136, q_lora 136, heads x qk 2 x 32).
