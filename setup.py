@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="DeepSeek-V3 in pure-functional JAX/Flax with Pallas kernels for MLA and expert dispatch",
     packages=find_packages(include=["deepseek_jax", "deepseek_jax.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["*.cc"]},   # kernels.host_moe compiles its C++ source on first use
+    package_data={"kernels": ["*.cc", "*.h"]},   # the opt-in host (CPU) kernels compile these when chosen
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.12",
@@ -38,7 +38,8 @@ setup(
         "notebooks": ["jupyter", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10",
                       "ipykernel>=6.29"],
         "parity": ["torch==2.13.0", "transformers==5.24.0"],
-        # MKL's static libraries, linked into the host (CPU) kernels where present (kernels.host_build).
+        # The opt-in host (CPU) kernels (ModelConfig.*_impl='host'): MKL's static libraries, linked in where
+        # present (kernels.host_build); they also need a C++ compiler.
         "cpu": ["mkl-static>=2024; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
 )

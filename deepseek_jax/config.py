@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 IMPLS = ("auto", "xla", "host", "pallas")
+DECODE_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "dense", "host", "blocked", "xla", "pallas")
 MATMUL_IMPLS = ("auto", "xla", "host")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -25,7 +26,7 @@ PRECISIONS = ("fp32", "bf16", "fp8")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields of ModelConfig that are implementation choices, not part of an HF config.json.
 NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
-                           "attention_impl", "moe_impl", "matmul_impl",
+                           "attention_impl", "decode_impl", "moe_impl", "matmul_impl", "pallas_interpret",
                            "remat_policy", "scan_layers"})
 # Upper bounds on the sizes a config.json may declare (`from_hf`): far above every released DeepSeek model
 # (V3: 61 layers, width 7168, vocabulary 129280, 256 experts), low enough that a hostile file cannot make the
@@ -184,19 +185,19 @@ class ModelConfig:
                                           # FP8 GEMM on the stored codes (deepseek_jax.layers.fp8_weights)
   fp8_weight_block: int = 128             # square block of those scales (the release: 128 x 128)
 
-  # --- implementation choices (never change the math) ---
-  attention_impl: str = "auto"            # auto (host, else xla, on CPU; pallas on GPU) | xla | host
-                                          # (causal MLA attention in an FFI call over BLAS, CPU float32;
-                                          # kernels.host_attention) | pallas
-  moe_impl: str = "auto"                  # auto (host, else blocked, on CPU; pallas on GPU) | dense (every
-                                          # expert on every token) | host (sort + per-expert BLAS GEMMs
-                                          # in an FFI call, CPU float32; kernels.host_moe) | blocked (sort,
-                                          # pad groups to blocks, batched matmul) | xla (sort +
-                                          # jax.lax.ragged_dot) | pallas (sort + gmm)
-  matmul_impl: str = "auto"               # the projections' matmuls: auto (host on CPU for float32 on one
-                                          # device, else xla) | xla (jnp.dot) | host (the product and its
-                                          # VJP's two products as BLAS calls in an FFI call, CPU float32;
-                                          # kernels.host_matmul). FP8-recipe layers use the FP8 GEMM.
+  # --- implementation choices (never change the math; 'auto' is resolved by deepseek_jax.ops.impls) ---
+  attention_impl: str = "auto"            # auto | xla (jnp; chunked causal attention) | pallas
+                                          # (kernels.mla_attention) | host (opt-in CPU float32 FFI call
+                                          # over BLAS, kernels.host_attention)
+  decode_impl: str = "auto"               # absorbed attention over the cache: auto | xla | pallas
+                                          # (kernels.mla_decode)
+  moe_impl: str = "auto"                  # auto | dense (every expert on every token) | blocked (sort, pad
+                                          # groups to blocks, batched matmul) | xla (sort +
+                                          # jax.lax.ragged_dot) | pallas (sort + kernels.grouped_matmul)
+                                          # | host (opt-in CPU float32 FFI call, kernels.host_moe)
+  matmul_impl: str = "auto"               # the projections' matmuls: auto | xla (jnp.dot) | host (opt-in
+                                          # CPU float32 FFI call with its VJP, kernels.host_matmul)
+  pallas_interpret: Optional[bool] = None  # Pallas kernels in interpret mode (None: on CPU only)
   remat_policy: str = "none"              # activation checkpointing of each block (jax.checkpoint policy)
   scan_layers: bool = False               # each run of identical blocks as one nn.scan: parameters stacked
                                           # [layers, ...] under 'layers_{a}_to_{b}' (model.layer_runs), one
@@ -266,6 +267,8 @@ class ModelConfig:
     for name in ["fp8_weights", "scan_layers"]:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+    if self.pallas_interpret is not None and not isinstance(self.pallas_interpret, bool):
+      raise ValueError(f"pallas_interpret={self.pallas_interpret!r} must be a bool or None")
     if (not isinstance(self.fp8_weight_block, int) or isinstance(self.fp8_weight_block, bool)
         or self.fp8_weight_block <= 0):
       raise ValueError(f"fp8_weight_block={self.fp8_weight_block!r} must be a positive integer")
@@ -273,7 +276,7 @@ class ModelConfig:
       raise ValueError(f"fp8_weight_block={self.fp8_weight_block} must be a multiple of 128 (the activation "
                        "tile) for precision='fp8' with fp8_weights=True")
     for name, allowed in [("dtype", DTYPES), ("param_dtype", DTYPES), ("precision", PRECISIONS),
-                          ("attention_impl", IMPLS), ("moe_impl", MOE_IMPLS),
+                          ("attention_impl", IMPLS), ("decode_impl", DECODE_IMPLS), ("moe_impl", MOE_IMPLS),
                           ("matmul_impl", MATMUL_IMPLS),
                           ("remat_policy", REMAT_POLICIES)]:
       if getattr(self, name) not in allowed:

@@ -1,22 +1,26 @@
 """Keeping freed host memory in the process, so that XLA:CPU's per-step buffers are not page-faulted in anew.
 
-XLA:CPU allocates each execution's temporary buffer (about 150 MB for the 6.5M-parameter bench config's
-train step) and its outputs with `malloc` from its worker threads. glibc serves an allocation that large
-from a fresh `mmap` (a worker thread's arena cannot hold it) and unmaps it on `free`, so every step touches
-its working set on fresh pages: about 45,000 page faults and some 80 ms of kernel time per step on 2 cores,
-13% of the CPU time. `retain_freed_memory()` sets glibc's allocator (`mallopt`) to serve every allocation
-from the main heap and never to hand freed memory back to the system, so the pages of one step are reused
-by the next: kernel time falls to under 10 ms per step. The cost is that the process keeps its peak heap.
+XLA:CPU allocates each execution's temporary buffer and its outputs with `malloc` from its worker threads.
+glibc serves an allocation that large from a fresh `mmap` (a worker thread's arena cannot hold it) and
+unmaps it on `free`, so every step touches its working set on fresh pages, paying page faults and kernel
+time. `retain_freed_memory()` sets glibc's allocator (`mallopt`) to serve every allocation from the main
+heap and never to hand freed memory back to the system, so the pages of one step are reused by the next.
+The cost is that the process keeps its peak heap.
 
-It acts on the whole process (a PyTorch model in the same process gains as much), and the arena setting
-binds only threads that allocate afterwards: call it before JAX starts its CPU backend, as the command
-lines (`experiments.train`, `experiments.bench`) do. glibc on Linux only; elsewhere it does nothing.
+Opt-in, for CPU runs only: it acts on the whole process (one arena, no trim, for every thread, a PyTorch
+model or a checkpoint writer in the same process included), so it does nothing where a GPU backend is
+present. The arena setting binds only threads that allocate afterwards: call it before JAX starts its CPU
+backend, as the command lines do when asked (`--retain_freed_memory`). glibc on Linux only; elsewhere it
+does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
+import os
+import pkgutil
 import sys
 import warnings
 
@@ -39,16 +43,37 @@ def _backends_started() -> bool:
     return False
 
 
+def gpu_backend_present() -> bool:
+  """Whether JAX runs (or would run) on a GPU here: its started backend, else `JAX_PLATFORMS`, else an
+  installed CUDA / ROCm plugin; decided without starting a backend."""
+  if _backends_started():
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.default_backend() != "cpu"
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return any(p.strip() in ("cuda", "gpu", "rocm") for p in platforms.split(","))
+  names = set()
+  if importlib.util.find_spec("jax_plugins") is not None:
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+    names = {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+  names |= {m.name for m in pkgutil.iter_modules() if m.name.startswith(("jax_cuda", "jax_rocm"))}
+  return any("cuda" in n or "rocm" in n for n in names)
+
+
 def retain_freed_memory() -> bool:
   """Makes glibc's malloc keep freed memory for reuse (see the module docstring); returns whether it did.
 
-  Idempotent. Returns False, changing nothing, where the C library is not glibc. Warns when JAX's backends
-  have already started, since their threads keep the arenas they have.
+  Idempotent. Returns False, changing nothing, where the C library is not glibc or a GPU backend is present
+  (`gpu_backend_present`). Warns when JAX's backends have already started, since their threads keep the
+  arenas they have.
   """
   if _applied:
     return _applied[0]
   ok = False
-  if sys.platform.startswith("linux"):
+  if gpu_backend_present():
+    warnings.warn("retain_freed_memory: a GPU backend is present; the allocator is left as it is (CPU runs "
+                  "only)", RuntimeWarning, stacklevel=2)
+  elif sys.platform.startswith("linux"):
     try:
       libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
       mallopt = libc.mallopt

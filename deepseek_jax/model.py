@@ -4,6 +4,10 @@
     first_k_dense_replace, DeepSeekMoE after) -> norm -> lm_head -> logits
                                    \\-> MTP depth 1..D (shared embedding and head) -> mtp_logits
 
+The layers run the concrete implementation choices of `deepseek_jax.ops.impls.resolve_config(cfg)`; the
+train step and the generator resolve once when built, and a model traced with 'auto' in its config resolves
+them for the backend and the ambient mesh then.
+
 Pure Flax Linen: `variables = model.init(rng, tokens)` holds 'params' and, for noaux_tc routing, the
 non-trained 'router' collection (e_score_correction_bias per MoE layer); `model.apply(variables, tokens)`
 returns a `ModelOutput`.  `init` returns plain arrays; `deepseek_jax.sharding.logical_axes` gives each
@@ -25,6 +29,7 @@ from deepseek_jax.layers.linear import Linear, dtype_of, normal_init
 from deepseek_jax.layers.mtp import MTPLayer
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.transformer import ACT, remat_block, scan_layers, zeros_like_cache
+from deepseek_jax.ops import impls
 
 
 @flax.struct.dataclass
@@ -159,7 +164,7 @@ class DeepSeekV3(nn.Module):
   cfg: ModelConfig
 
   def setup(self):
-    cfg = self.cfg
+    cfg = impls.resolve_config(self.cfg)
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
         embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -209,26 +209,6 @@ def use_mesh(mesh: Mesh, rules: Sequence = LOGICAL_RULES):
   """
   with jax.set_mesh(mesh), rules_context(rules, mesh):
     yield mesh
-
-
-def init_sharded(model: nn.Module, mesh: Mesh, rng, tokens, rules: Sequence = LOGICAL_RULES):
-  """`model.init` compiled with out_shardings from the rules: parameters are born on their shards."""
-  shardings = variable_shardings(model, mesh, tokens, rules=rules)
-  with rules_context(rules, mesh):
-    return jax.jit(model.init, out_shardings=shardings)(rng, tokens)
-
-
-def shard_like(tree, shardings):
-  """jax.device_put of a host tree onto matching shardings."""
-  return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), tree, shardings)
-
-
-def describe(shardings: Mapping) -> str:
-  """One line per variable: path and PartitionSpec (for logs)."""
-  lines = []
-  for path, s in jax.tree_util.tree_leaves_with_path(shardings):
-    lines.append(f"{jax.tree_util.keystr(path)}: {s.spec}")
-  return "\n".join(lines)
 
 
 def _add_axes(spec: PartitionSpec, shape, mesh: Mesh, axes: Sequence[str]) -> PartitionSpec:

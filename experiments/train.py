@@ -39,9 +39,10 @@ _COORDINATOR = flags.DEFINE_string(
     "from SLURM / Open MPI / env COORDINATOR_ADDRESS)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (default: detected)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "rank of this process (default: detected)")
-_RETAIN = flags.DEFINE_bool("retain_freed_memory", True,
-                            "keep freed host memory for reuse (glibc; deepseek_jax.host_memory): XLA:CPU's "
-                            "per-step buffers are then not page-faulted in anew every step")
+_RETAIN = flags.DEFINE_bool("retain_freed_memory", False,
+                            "CPU runs: keep freed host memory for reuse (glibc; deepseek_jax.host_memory), so "
+                            "that XLA:CPU's per-step buffers are not page-faulted in anew every step; does "
+                            "nothing where a GPU backend is present")
 
 
 def main(argv):

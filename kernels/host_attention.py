@@ -15,7 +15,7 @@ pool (`host_attention.cc`):
     accumulate in place.
 
 No [B, H, S, S] tensor is stored between the forward and the backward. Built and loaded by
-`kernels.host_build`; float32 only; one device (the custom call is opaque to the SPMD partitioner).
+`kernels.host_build`. An opt-in CPU backend (`ModelConfig.attention_impl='host'`): float32 only; one device (the custom call is opaque to the SPMD partitioner).
 """
 
 from __future__ import annotations
@@ -106,11 +106,3 @@ def mla_causal_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, block: 
   # projection (MLA's kv_b_proj), XLA folds this concatenation of its slices back into that output.
   kv = jnp.concatenate([k_nope, v], axis=-1)
   return _attention(q_nope, q_pe, kv, k_pe, float(scale), int(block))
-
-
-def reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float):
-  """Pure-jnp causal MLA attention in float32: [B, S, H, V]."""
-  logits = (jnp.einsum("BSHN,BTHN->BHST", q_nope, k_nope) + jnp.einsum("BSHR,BTR->BHST", q_pe, k_pe)) * scale
-  s = q_nope.shape[1]
-  logits = jnp.where(jnp.tril(jnp.ones((s, s), bool)), logits, -jnp.inf)
-  return jnp.einsum("BHST,BTHV->BSHV", jax.nn.softmax(logits, axis=-1), v)

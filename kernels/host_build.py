@@ -10,7 +10,8 @@ libraries are installed (`pip install -e '.[cpu]'`, the `mkl-static` wheel; its 
 library, so a PyTorch in the same process keeps its own MKL), else that of numpy's bundled ILP64 OpenBLAS,
 loaded at run time (on an AMD EPYC MKL ran slower than OpenBLAS); `DEEPSEEK_JAX_HOST_BLAS=mkl` or
 `=openblas` forces the choice. `blas()` says which. The FFI targets are registered for the CPU platform.
-Without a compiler or a BLAS, `unavailable_reason()` says why and the callers keep XLA's own lowerings.
+Nothing is built or loaded until a host kernel is chosen (`ModelConfig.*_impl='host'`, checked by
+`deepseek_jax.ops.impls`); without a compiler or a BLAS, `unavailable_reason()` says why.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
@@ -44,8 +43,7 @@ _BLAS_CANDIDATES = (
 )
 _FLAGS = ("-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
 # MKL's static libraries (the `mkl-static` wheel installs them into the environment's lib/): linked in where
-# present on an Intel CPU, with their symbols kept local to the kernels' library. MKL runs the kernels' small
-# products 1.1-1.4x faster than OpenBLAS on AVX-512 Xeons.
+# present on an Intel CPU, with their symbols kept local to the kernels' library.
 _MKL_STATIC = ("libmkl_intel_ilp64.a", "libmkl_sequential.a", "libmkl_core.a")
 _lock = threading.Lock()
 _state: dict = {}
@@ -74,8 +72,7 @@ def _cpu_vendor() -> str:
 
 def _wants_mkl() -> bool:
   """Whether to link MKL: `DEEPSEEK_JAX_HOST_BLAS` = 'mkl' / 'openblas' decides, else only on Intel CPUs
-  (on an AMD EPYC Zen 4, MKL ran the projections' products at 0.75-0.95x OpenBLAS's rate, and the train
-  step 0.9-0.93x)."""
+  (on AMD CPUs OpenBLAS ran the kernels faster; docs/performance.md)."""
   choice = os.environ.get("DEEPSEEK_JAX_HOST_BLAS", "").lower()
   if choice in ("mkl", "openblas"):
     return choice == "mkl"
@@ -184,26 +181,3 @@ def require(what: str) -> None:
   reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"{what} is unavailable: {reason}")
-
-
-def warn_if_unavailable(what: str, fallback: str) -> None:
-  """Warns once per `what`, with the reason, when the kernels cannot be used and `fallback` runs instead."""
-  reason = unavailable_reason()
-  warned = _state.setdefault("warned", set())
-  if reason is not None and what not in warned:
-    warned.add(what)
-    warnings.warn(f"{what} unavailable ({reason}); {fallback}", RuntimeWarning, stacklevel=3)
-
-
-def usable_for(*dtypes, what: str, fallback: str) -> bool:
-  """Whether a CPU default may run operands of these dtypes in the host kernel `what`: all float32, one
-  device (the custom calls are opaque to the SPMD partitioner), the CPU backend, and the kernels built
-  (otherwise a warning, once, names the reason and the `fallback` that runs instead)."""
-  if any(jnp.dtype(t) != jnp.float32 for t in dtypes) or jax.device_count() != 1:
-    return False
-  if jax.default_backend() != "cpu":
-    return False
-  if unavailable_reason() is not None:
-    warn_if_unavailable(what, fallback)
-    return False
-  return True

@@ -1,14 +1,14 @@
 """A float32 matmul on the CPU as an XLA FFI custom call over the host's BLAS, with its VJP.
 
 XLA:CPU runs the weight gradient of a projection, x^T dy (contracting the token dimension, which leads
-both operands), at a third to a half of its rate for the forward product, and its products stay below the
-BLAS's rate even in the forward layout. `host_matmul(a, b)` runs `a @ b` and both products of its backward
+both operands), well below its rate for the forward product, and its products stay below the BLAS's rate
+even in the forward layout. `host_matmul(a, b)` runs `a @ b` and both products of its backward
 (da = dc b^T, db = a^T dc) as single-threaded BLAS `sgemm` calls (MKL or numpy's bundled OpenBLAS:
 `host_build.blas()`) on blocks of the output's rows or columns spread over XLA's intra-op thread pool; the
 BLAS reads a transposed operand where it is stored.
 
 The C++ source (`host_matmul.cc`) is built and loaded on first use by `kernels.host_build`; `available()`
-says whether that worked. float32 only; one device (the custom call is opaque to the SPMD partitioner).
+says whether that worked. An opt-in CPU backend (`ModelConfig.matmul_impl='host'`): float32 only; one device (the custom call is opaque to the SPMD partitioner).
 """
 
 from __future__ import annotations
@@ -55,11 +55,6 @@ def _matmul_bwd(res, dc):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def reference(a, b):
-  """The pure-jnp product `host_matmul` computes."""
-  return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def host_matmul(a, b):

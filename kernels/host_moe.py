@@ -1,6 +1,6 @@
 """The routed experts' SwiGLU FFN on the CPU as an XLA FFI custom call over the host's BLAS.
 
-XLA:CPU runs the many small per-expert products of a dropless MoE layer at about half the rate of one flat
+XLA:CPU runs the many small per-expert products of a dropless MoE layer well below the rate of one flat
 matmul, whether as batched matmuls over padded blocks or as `ragged_dot`. Here the same work goes to
 single-threaded BLAS `sgemm` calls (MKL or numpy's bundled OpenBLAS: `host_build.blas()`), one per
 (expert, tile of at most `TILE` rows), spread over XLA's intra-op thread pool:
@@ -13,8 +13,8 @@ single-threaded BLAS `sgemm` calls (MKL or numpy's bundled OpenBLAS: `host_build
      expert dWg, dWu, dWd over all its rows.
 
 The C++ source (`host_moe.cc`) is built and loaded on first use by `kernels.host_build`; `available()`
-says whether that worked, and without it the callers keep XLA's own layouts. float32 only; one device (the
-custom call is opaque to the SPMD partitioner).
+says whether that worked. An opt-in CPU backend (`ModelConfig.moe_impl='host'`): float32 only; one device
+(the custom call is opaque to the SPMD partitioner).
 """
 
 from __future__ import annotations
@@ -104,14 +104,3 @@ def host_experts(x, idx, weights, w_gate, w_up, w_down, *, tile: int = TILE):
   out = _ffn(x, jax.lax.stop_gradient(idx).astype(jnp.int32), weights.astype(jnp.float32), w_gate, w_up,
              w_down, int(tile))
   return out.astype(jnp.result_type(x, weights))
-
-
-def reference(x, idx, weights, w_gate, w_up, w_down):
-  """Pure-jnp reference: every assignment through its expert, weighted sum over K."""
-  e = w_gate.shape[0]
-  valid = (idx >= 0) & (idx < e)
-  safe = jnp.where(valid, idx, 0)
-  g = jnp.einsum("TD,TKDF->TKF", x, w_gate[safe])
-  u = jnp.einsum("TD,TKDF->TKF", x, w_up[safe])
-  y = jnp.einsum("TKF,TKFD->TKD", jax.nn.silu(g) * u, w_down[safe])
-  return jnp.einsum("TKD,TK->TD", y, jnp.where(valid, weights, 0).astype(y.dtype))

@@ -1,4 +1,5 @@
-"""The chunked causal attention (custom VJP) against the masked-softmax reference: values and gradients."""
+"""The chunked causal attention (custom VJP) against the flash kernel's masked-softmax reference
+(`kernels.mla_attention.flash_attention_reference`): values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.ops import attention as attn
+from kernels.mla_attention import flash_attention_reference
 
 
 def _inputs(s, dtype, heads=2, dk=24, dv=16, batch=2):
@@ -21,7 +23,7 @@ def _inputs(s, dtype, heads=2, dk=24, dv=16, batch=2):
 def test_causal_attention_matches_reference(s):
   q, k, v, dout = _inputs(s, jnp.float32)
   scale = 0.3
-  want, want_vjp = jax.vjp(lambda *a: attn.attention_reference(*a, scale=scale), q, k, v)
+  want, want_vjp = jax.vjp(lambda *a: flash_attention_reference(*a, causal=True, sm_scale=scale), q, k, v)
   got, got_vjp = jax.vjp(lambda *a: attn.causal_attention(*a, scale=scale), q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for g, w in zip(got_vjp(dout), want_vjp(dout)):
@@ -38,8 +40,8 @@ def test_causal_attention_chunks_cover_every_row_once():
 
 def test_causal_attention_bf16():
   q, k, v, dout = _inputs(96, jnp.bfloat16)
-  want = attn.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                  scale=0.2)
+  want = flash_attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                   causal=True, sm_scale=0.2)
   got = attn.causal_attention(q, k, v, scale=0.2)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)

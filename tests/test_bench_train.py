@@ -53,7 +53,9 @@ def test_ablated_steps_run_the_stand_ins_only_inside_the_block():
 def test_impl_choices_parse_into_config_variants():
   import pytest  # pylint: disable=g-import-not-at-top
   got = train_bench._impl_choices(" matmul_impl=xla, moe_impl=blocked")  # pylint: disable=protected-access
-  assert got == {"impl:matmul_impl=xla": ("matmul_impl", "xla"), "impl:moe_impl=blocked": ("moe_impl", "blocked")}
+  assert got == {"impl:matmul_impl=xla": {"matmul_impl": "xla"}, "impl:moe_impl=blocked": {"moe_impl": "blocked"}}
+  got = train_bench._impl_choices("attention_impl=host+moe_impl=host")  # pylint: disable=protected-access
+  assert got == {"impl:attention_impl=host+moe_impl=host": {"attention_impl": "host", "moe_impl": "host"}}
   assert train_bench._impl_choices("") == {}  # pylint: disable=protected-access
   for bad in ("matmul_impl", "dtype=bfloat16", "moe_impl="):
     with pytest.raises(ValueError, match="--impls"):

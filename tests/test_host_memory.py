@@ -57,3 +57,18 @@ def test_warns_when_jax_has_already_started():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "True"
+
+
+def test_does_nothing_where_a_gpu_backend_is_present():
+  code = textwrap.dedent("""
+      import os, warnings
+      os.environ["JAX_PLATFORMS"] = "cuda"
+      from deepseek_jax import host_memory
+      assert host_memory.gpu_backend_present()
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print(host_memory.retain_freed_memory(), any("GPU backend" in str(w.message) for w in caught))
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-2:] == ["False", "True"]

@@ -11,6 +11,7 @@ import pytest
 import deepseek_jax as dsj
 from deepseek_jax.layers.router import select_experts
 from deepseek_jax.layers.transformer import DecoderLayer
+from deepseek_jax.ops import impls
 
 
 def _init(cfg, b=2, s=24, seed=0):
@@ -124,7 +125,7 @@ def _from_embeddings(m, e):  # pylint: disable=invalid-name
 
 
 def _router_reference(cfg, logits, bias):
-  """NumPy transcription of docs/reference.md's gate description, one token at a time."""
+  """NumPy transcription of the gate (docs/reference.md), one token at a time."""
   e, k, g = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
   out_idx, out_w = [], []
   for row in np.asarray(logits, np.float64):
@@ -182,7 +183,7 @@ def test_mtp_logits_against_equation_21(tiny_cfg):
   concat = np.concatenate([_rms(emb, mp["enorm"]["weight"], eps),
                            _rms(out.hidden, mp["hnorm"]["weight"], eps)], axis=-1)
   h_in = concat @ np.asarray(mp["eh_proj"]["kernel"], np.float64)
-  block = DecoderLayer(tiny_cfg, moe=True)
+  block = DecoderLayer(impls.resolve_config(tiny_cfg), moe=True)   # layers take concrete choices
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   h1, _, _ = block.apply({"params": mp["block"], "router": variables["router"]["mtp_0"]["block"]},
                          jnp.asarray(h_in, jnp.float32), positions)

@@ -34,6 +34,7 @@ from deepseek_jax.inference.sampling import SamplingParams, sample
 from deepseek_jax.inference.settings import (DecodeSettings, init_logits, step_key, store_logits,
                                              update_done)
 from deepseek_jax.model import DeepSeekV3, init_cache
+from deepseek_jax.ops import impls
 
 
 # ------------------------------------------------------------------------------------------ plain decoding
@@ -266,6 +267,7 @@ def generate(model: DeepSeekV3, variables, prompt_ids, *, max_new_tokens: int, t
     ValueError: for an empty prompt, ids outside the vocabulary, a prompt + max_new_tokens beyond
       max_position_embeddings, or bad sampling settings.
   """
+  model = model.clone(cfg=impls.resolve_config(model.cfg))   # the implementations, once (ambient mesh)
   cfg = model.cfg
   sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
   if speculative and cfg.num_nextn_predict_layers < 1:

@@ -40,11 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import MAX_CONFIG_BYTES, ModelConfig
-from deepseek_jax.interop import hf_names, safetensors_io
+from deepseek_jax.interop import fp8_variables, hf_names, safetensors_io
 from deepseek_jax.interop.hf_names import Entry
 from deepseek_jax.interop.placement import abstract_variables, variable_shardings
 from deepseek_jax.layers import fp8_weights
-from deepseek_jax.layers.fp8 import E4M3, dequantize_blockwise, quantize_blockwise
+from deepseek_jax.ops.fp8 import E4M3, dequantize_blockwise, quantize_blockwise
 
 DEFAULT_BLOCK = (128, 128)
 # The released FP8 layout keeps these in bf16 (docs/reference.md); the router bias stays fp32.
@@ -480,7 +480,7 @@ def load_with_report(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: 
   table = hf_names.entries(cfg)
   shapes = _leaves(abstract_variables(cfg))
   # FP8-stored variables: codes at the weight's key, scale_inv at the key with SCALE_SUFFIX.
-  fp8_codes = {(k[0], k[1:]) for k in fp8_weights.fp8_layout(cfg)} if cfg.fp8_weights else set()
+  fp8_codes = {(k[0], k[1:]) for k in fp8_variables.fp8_layout(cfg)} if cfg.fp8_weights else set()
   fp8_scales = {(c, p[:-1] + (p[-1] + fp8_weights.SCALE_SUFFIX,)): (c, p) for c, p in fp8_codes}
   skipped = _validate(ckpt, cfg, table, shapes, strict, block)
   shardings = _leaves(variable_shardings(cfg, mesh, rules)) if mesh is not None else None
@@ -528,7 +528,7 @@ def load(path, *, dtype=jnp.float32, mesh=None, rules=None, strict: bool = True,
     path: directory with config.json and model.safetensors, or shards + model.safetensors.index.json.
     dtype: parameter dtype of the result (also cfg.param_dtype); the router bias stays float32.
     mesh: optional jax.sharding.Mesh; each variable is then placed shard by shard on it (streaming).
-    rules: logical-axis rules for the mesh ((logical, mesh axis) pairs); None: `placement.default_rules()`.
+    rules: logical-axis rules for the mesh ((logical, mesh axis) pairs); None: `sharding.LOGICAL_RULES`.
     strict: raise on tensors the model has no place for (else warn and skip them).
     progress: show a tqdm bar over the tensors.
     config_overrides: ModelConfig fields to set on top of config.json (e.g. moe_impl, attention_impl).

@@ -90,7 +90,7 @@ def load_variables(directory, *, mesh=None, rules: Optional[Sequence] = None):
   Args:
     directory: the checkpoint directory.
     mesh: optional mesh to restore onto (shardings from the logical axis rules); None: default device.
-    rules: logical-axis rules for the mesh; None: `placement.default_rules()`.
+    rules: logical-axis rules for the mesh; None: `sharding.LOGICAL_RULES`.
   Returns:
     (cfg, variables) in `DeepSeekV3(cfg).init`'s structure.
   Raises:

@@ -17,18 +17,10 @@ from jax.sharding import Mesh
 
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
-
-# The rules used when a caller gives none (the project's one table).
-DEFAULT_RULES: tuple = sharding.LOGICAL_RULES
-
-
-def default_rules() -> tuple:
-  """The logical-axis rules used when none are given: `deepseek_jax.sharding.LOGICAL_RULES`."""
-  return tuple(sharding.LOGICAL_RULES)
+from deepseek_jax.model import DeepSeekV3
 
 
 def _model(cfg: ModelConfig):
-  from deepseek_jax.model import DeepSeekV3  # pylint: disable=g-import-not-at-top
   return DeepSeekV3(cfg)
 
 
@@ -67,9 +59,9 @@ def variable_shardings(cfg: ModelConfig, mesh: Mesh, rules: Optional[Sequence] =
   Args:
     cfg: the model.
     mesh: the device mesh (any subset of the axes data, fsdp, expert, tensor).
-    rules: (logical name, mesh axis or None) pairs; None takes `default_rules()`.
+    rules: (logical name, mesh axis or None) pairs; None takes `sharding.LOGICAL_RULES`.
   Returns:
     A tree of NamedSharding with the structure of the model's variables.
   """
-  rules = default_rules() if rules is None else tuple(rules)
+  rules = sharding.LOGICAL_RULES if rules is None else tuple(rules)
   return sharding.variable_shardings(_model(cfg), mesh, _tokens(), rules=rules)

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import fp8, fp8_weights
+from deepseek_jax.layers import fp8_weights
+from deepseek_jax.ops import fp8
 from deepseek_jax.ops import matmul as ops_matmul
 
 
@@ -39,7 +40,7 @@ class Linear(nn.Module):
   """y = x @ W over the trailing `len(in_axes)` dims of x, W of shape in_shape + out_shape.
 
   With `cfg.precision == 'fp8'` and `fp8=True` the product goes through the blockwise-scaled E4M3 GEMM of
-  `deepseek_jax.layers.fp8` (report section 3.3); layers the report keeps in higher precision pass
+  `deepseek_jax.ops.fp8` (report section 3.3); layers the report keeps in higher precision pass
   `fp8=False`.  With `cfg.fp8_weights`, the layers the released FP8 checkpoints quantize (by name,
   `fp8_weights.FP8_LINEAR_NAMES`) store `kernel` as E4M3 codes plus `kernel_scale_inv` per block
   (`deepseek_jax.layers.fp8_weights`).

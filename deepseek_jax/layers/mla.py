@@ -136,7 +136,7 @@ class MLA(nn.Module):
       w_uk, w_uv = w_kv_b[..., :cfg.qk_nope_head_dim], w_kv_b[..., cfg.qk_nope_head_dim:]
       q_c = jnp.einsum("BSHN,CHN->BSHC", q_nope, w_uk)
       o_c = absorbed_attention(q_c, q_pe, c_kv, k_pe, scale=cfg.softmax_scale, q_slots=q_slots,
-                               impl=cfg.attention_impl)
+                               impl=cfg.decode_impl, interpret=cfg.pallas_interpret)
       o = jnp.einsum("BSHC,CHV->BSHV", o_c, w_uv)
     else:
       kv = self.kv_b_proj(c_kv)                             # [B, T, H, Dn + Dv] (an FP8 GEMM under fp8)
@@ -144,5 +144,5 @@ class MLA(nn.Module):
       q_nope = nn.with_logical_constraint(q_nope, ("activation_batch", "activation_length",
                                                    "activation_heads", None))
       o = mla_attention(q_nope, q_pe, k_nope, k_pe, v, scale=cfg.softmax_scale, q_slots=q_slots,
-                        impl=cfg.attention_impl)
+                        impl=cfg.attention_impl, interpret=cfg.pallas_interpret)
     return self.o_proj(o.astype(dtype)), cache

@@ -1,11 +1,16 @@
-"""DeepSeekMoE: routed experts (dropless), shared experts, and the dispatch implementations.
+"""DeepSeekMoE: routed experts (dropless), shared experts.
 
 y = shared_experts(x) + sum_k w_k expert_{i_k}(x), each expert a SwiGLU of width moe_intermediate_size.
 
-Dispatch (`ModelConfig.moe_impl`) lives in `deepseek_jax.ops.moe_dispatch`; no token is ever dropped.
+`routed_experts` picks the computation for a concrete `ModelConfig.moe_impl` and precision: the dispatch
+layouts of `deepseek_jax.ops.moe_dispatch`, the FP8 recipe of `deepseek_jax.ops.fp8_experts`, the opt-in
+host kernel, and, under a mesh with an 'expert' axis, `deepseek_jax.ops.expert_parallel`; no token is ever
+dropped.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 
@@ -14,7 +19,48 @@ from deepseek_jax.layers import fp8_weights
 from deepseek_jax.layers.linear import dtype_of, normal_init, param
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.router import Router
-from deepseek_jax.ops.moe_dispatch import routed_experts
+from deepseek_jax.ops import expert_parallel, fp8_experts, moe_dispatch
+
+IMPLS = ("dense", "blocked", "xla", "pallas", "host")
+
+
+def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", precision: str = "fp32",
+                   interpret: bool | None = None):
+  """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
+
+  Args:
+    x: [T, D] tokens in the compute dtype.
+    idx, weights: [T, K] expert ids and gate weights from the router.
+    w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+    impl: a concrete `ModelConfig.moe_impl` ('dense' | 'blocked' | 'xla' | 'pallas' | 'host';
+      `deepseek_jax.ops.impls` resolves 'auto'); under a mesh with an 'expert' axis of size > 1 the experts
+      are split over it and impl ('xla' | 'pallas') is the grouped matmul of each device's rows.
+    precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands.
+    interpret: the Pallas kernels' interpret mode (`ModelConfig.pallas_interpret`).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"moe impl={impl!r}: expected one of {IMPLS} (deepseek_jax.ops.impls resolves 'auto')")
+  fp8 = precision == "fp8"
+  if fp8 and impl == "host":
+    raise ValueError("moe impl='host' runs float32 GEMMs; precision='fp8' needs another impl")
+  if expert_parallel.expert_parallel_size() > 1:
+    if impl not in ("xla", "pallas"):
+      raise ValueError(f"moe impl={impl!r} runs one device's experts; split over the 'expert' mesh axis "
+                       "they need 'xla' or 'pallas'")
+    ffn = fp8_experts.fp8_grouped_swiglu if fp8 else moe_dispatch.grouped_swiglu
+    return expert_parallel.expert_parallel_experts(
+        x, idx, weights, w_gate, w_up, w_down, check_vma=impl != "pallas",
+        expert_ffn=functools.partial(ffn, impl=impl, interpret=interpret))
+  if fp8:
+    return fp8_experts.fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl, interpret=interpret)
+  if impl == "dense":
+    return moe_dispatch.dense_experts(x, idx, weights, w_gate, w_up, w_down)
+  if impl == "blocked":
+    return moe_dispatch.blocked_experts(x, idx, weights, w_gate, w_up, w_down)
+  if impl == "host":
+    from kernels import host_moe  # pylint: disable=g-import-not-at-top
+    return host_moe.host_experts(x, idx, weights, w_gate, w_up, w_down)
+  return moe_dispatch.sorted_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl, interpret=interpret)
 
 
 class RoutedExperts(nn.Module):
@@ -36,7 +82,7 @@ class RoutedExperts(nn.Module):
       w_up = param(self, "up_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
       w_down = param(self, "down_proj", init, (e, f, d), ("expert", "moe_mlp", "embed"), pd).astype(dtype)
     return routed_experts(x.astype(dtype), idx, weights, w_gate, w_up, w_down, impl=cfg.moe_impl,
-                          precision=cfg.precision)
+                          precision=cfg.precision, interpret=cfg.pallas_interpret)
 
 
 class MoE(nn.Module):

@@ -1,4 +1,5 @@
-"""Attention for the naive (training / prefill) MLA path: the XLA reference or the Pallas flash kernel.
+"""Attention for the naive (training / prefill) MLA path: chunked XLA attention, the Pallas flash kernel, or
+the opt-in host kernel; with a cache, the reference.
 
 Masking rule used throughout the model: query i attends to key slot j iff j <= q_slots[b, i], where q_slots
 is the query's own slot in the key sequence (arange(S) without a cache; its cache index with one).
@@ -12,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.ops.backend import on_gpu, resolve
-from kernels import host_attention, host_build
+IMPLS = ("xla", "pallas", "host")
 
 # Query rows per chunk of `causal_attention`: each chunk scores only the keys at or before its last row, so
 # the masked upper triangle is mostly skipped; at most this many chunks (the loop is unrolled).
@@ -27,19 +27,6 @@ def slot_mask(q_slots, num_keys: int):
   return (keys[None, None, :] <= q_slots[:, :, None])[:, None]
 
 
-def attention_reference(q, k, v, *, scale: float, q_slots=None):
-  """softmax(scale * q k^T + mask) v in fp32.  q [B,S,H,Dk], k [B,T,H,Dk], v [B,T,H,Dv] -> [B,S,H,Dv]."""
-  b, s = q.shape[:2]
-  t = k.shape[1]
-  if q_slots is None:
-    q_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + (t - s), (b, s))
-  logits = jnp.einsum("BSHK,BTHK->BHST", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(slot_mask(q_slots, t), logits, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BHST,BTHV->BSHV", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
-
-
 def mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None):
   """MLA's naive attention without materializing per-head rope keys: the score is
   q_nope . k_nope (per head) + q_pe . k_pe (k_pe [B,T,Dr] shared by all heads).  -> [B,S,H,Dv]."""
@@ -47,7 +34,7 @@ def mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_sl
   t = k_nope.shape[1]
   if q_slots is None:
     q_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + (t - s), (b, s))
-  # Heads-major operands: XLA:CPU runs these batched matmuls about 2x faster than with heads inside.
+  # Heads-major operands: XLA:CPU runs these batched matmuls faster than with heads inside.
   q_nope, q_pe, k_nope, v = (a.transpose(0, 2, 1, 3) for a in (q_nope, q_pe, k_nope, v))
   logits = (jnp.einsum("BHSN,BHTN->BHST", q_nope, k_nope, preferred_element_type=jnp.float32)
             + jnp.einsum("BHSR,BTR->BHST", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
@@ -67,7 +54,7 @@ def _chunks(s: int):
 def _causal_bias(a: int, b: int):
   """[b - a, b] additive mask of query rows a..b-1 over keys 0..b-1 (0 where visible, -inf above the
   diagonal), a constant: XLA:CPU adds it inside the softmax's fusion, while a `where` on an iota compare
-  costs a separate pass (chunked fwd + bwd on the bench shapes: 25.8 -> 21.3 ms)."""
+  costs a separate pass."""
   visible = np.arange(b)[None, :] <= np.arange(a, b)[:, None]
   return jnp.asarray(np.where(visible, 0.0, -np.inf).astype(np.float32))
 
@@ -117,7 +104,7 @@ _causal_heads_major.defvjp(_causal_fwd, _causal_bwd)
 
 
 def causal_attention(q, k, v, *, scale: float):
-  """Plain causal attention (S == T) for XLA, the same values as `attention_reference` without q_slots.
+  """Plain causal attention (S == T) for XLA: softmax(scale q k^T + causal mask) v, fp32 softmax.
 
   Queries go in chunks of about `CAUSAL_CHUNK_ROWS` rows and each chunk scores only the keys up to its
   last row, so about half of the masked triangle is never computed; the backward (a custom VJP from the
@@ -137,50 +124,36 @@ def causal_attention(q, k, v, *, scale: float):
   return heads(out).astype(q.dtype)
 
 
-def resolved_impl(impl: str, *dtypes) -> str:
-  """The implementation `mla_attention` runs for `impl` and operands of these dtypes: 'auto' is 'pallas' on
-  GPU, and on CPU 'host' (`kernels.host_attention`) for float32 operands on one device where the kernel
-  builds, else 'xla'; other values are themselves."""
-  if impl == "auto" and not on_gpu() and host_build.usable_for(
-      *dtypes, what="kernels.host_attention", fallback="CPU attention uses the chunked XLA path"):
-    return "host"
-  return resolve(impl, field="attention_impl")
-
-
-def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, impl: str = "auto"):
+def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, impl: str = "xla",
+                  interpret: bool | None = None):
   """MLA's naive-path attention: q = [q_nope | q_pe] per head, k = [k_nope | k_pe] with k_pe shared.
 
-  Without a cache (q_slots None, S == T) it runs in the host kernel (`kernels.host_attention`, impl
-  'host'), or with the parts concatenated (k_pe copied to every head) by `attention`: the Pallas flash
-  kernel or the chunked `causal_attention`.  With a cache the XLA reference scores the two parts
-  separately.
-  """
-  impl = resolved_impl(impl, q_nope.dtype, q_pe.dtype, k_nope.dtype, k_pe.dtype, v.dtype)
-  if q_slots is None and q_nope.shape[1] == k_nope.shape[1]:
-    if impl == "host":
-      return host_attention.mla_causal_attention(q_nope, q_pe, k_nope, k_pe, v, scale=scale)
-    k_pe_h = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (k_pe.shape[-1],))
-    return attention(jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe_h], -1), v,
-                     scale=scale, impl=impl)
-  return mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_slots=q_slots)
-
-
-def attention(q, k, v, *, scale: float, q_slots=None, impl: str = "auto"):
-  """Causal attention with unequal qk / v head dims.
+  Without a cache (q_slots None, S == T) `impl` runs it: 'xla' the chunked `causal_attention` and 'pallas'
+  `kernels.mla_attention.flash_attention` (both on the parts concatenated, k_pe copied to every head), 'host'
+  `kernels.host_attention` (CPU, float32).  With a cache every impl scores the two parts separately with
+  `mla_attention_reference`.
 
   Args:
-    q: [B, S, H, Dqk]; k: [B, T, H, Dqk]; v: [B, T, H, Dv].
+    q_nope: [B, S, H, Dn]; q_pe: [B, S, H, Dr]; k_nope: [B, T, H, Dn]; k_pe: [B, T, Dr]; v: [B, T, H, Dv].
     scale: softmax scale (YaRN's mscale already folded in).
-    q_slots: [B, S] int32 slot of each query in the key sequence, or None for plain causal attention over
-      S == T (or the last S of T).
-    impl: 'auto' | 'xla' | 'pallas' (`ModelConfig.attention_impl`; 'host' runs as 'xla' here).
+    q_slots: [B, S] int32 slot of each query in the key sequence, or None (plain causal, S == T).
+    impl: a concrete `ModelConfig.attention_impl` (`deepseek_jax.ops.impls`).
+    interpret: the Pallas kernel's interpret mode (`ModelConfig.pallas_interpret`).
   Returns:
-    [B, S, H, Dv] in q's dtype.
+    [B, S, H, Dv] in q_nope's dtype.
   """
-  impl = resolve(impl, field="attention_impl")
-  if impl == "pallas" and q_slots is None and q.shape[1] == k.shape[1]:
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl={impl!r}: expected one of {IMPLS} (deepseek_jax.ops.impls resolves "
+                     "'auto')")
+  if q_slots is not None or q_nope.shape[1] != k_nope.shape[1]:
+    return mla_attention_reference(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_slots=q_slots)
+  if impl == "host":
+    from kernels import host_attention  # pylint: disable=g-import-not-at-top
+    return host_attention.mla_causal_attention(q_nope, q_pe, k_nope, k_pe, v, scale=scale)
+  k_pe_h = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (k_pe.shape[-1],))
+  q, k = jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe_h], -1)
+  if impl == "pallas":
     from kernels import mla_attention  # pylint: disable=g-import-not-at-top
-    return mla_attention.flash_attention(q, k, v, causal=True, sm_scale=scale)
-  if q_slots is None and q.shape[1] == k.shape[1]:
-    return causal_attention(q, k, v, scale=scale)
-  return attention_reference(q, k, v, scale=scale, q_slots=q_slots)
+    return mla_attention.flash_attention(q, k, v, causal=True, sm_scale=scale,
+                                         interpret=interpret).astype(q_nope.dtype)
+  return causal_attention(q, k, v, scale=scale)

@@ -14,8 +14,9 @@ Algorithm, per device, when tokens are split over 'expert' (the usual case):
      source i's rows in slot [i C, i C + n_i) of a [ep C, D] buffer, and learns their local expert ids from
      the exchanged per-expert counts. C = T_l * min(K, E_l) is the most rows one source can send to one
      device (a token picks K distinct experts, at most E_l of them on one device), so nothing is dropped;
-  3. the received rows are sorted by local expert and run through the three grouped matmuls
-     (`deepseek_jax.ops.grouped_matmul`), then unsorted back into their slots;
+  3. the received rows are sorted by local expert and run through the expert FFN (a callable on rows sorted
+     by expert: by default the three grouped matmuls of `moe_dispatch.grouped_swiglu`), then unsorted back
+     into their slots;
   4. the reverse exchange returns every row to its source at the place it came from;
   5. `kernels.dispatch.combine` takes each token's weighted sum over its K rows; with tensor parallelism the
      partial sums over the F shards are added (psum over the hidden axis) on the [T_l, D] result.
@@ -33,7 +34,7 @@ dropped fraction of all assignments is returned.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,8 +42,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.dispatch import combine, permute, sort_by_expert
-from deepseek_jax.ops.backend import resolve
-from deepseek_jax.ops.grouped_matmul import grouped_matmul
+from deepseek_jax.ops.moe_dispatch import grouped_swiglu
+from deepseek_jax.sharding import LOGICAL_RULES
 
 EXPERT_AXIS = "expert"
 COLLECTIVES = ("auto", "ragged", "padded", "ragged_emulated")
@@ -65,7 +66,6 @@ def expert_parallel_size(mesh=None) -> int:
 
 
 def _rules():
-  from deepseek_jax.sharding import LOGICAL_RULES  # pylint: disable=g-import-not-at-top
   current = nn.get_logical_axis_rules()
   return tuple(current) if current else LOGICAL_RULES
 
@@ -117,15 +117,10 @@ def _varying_zeros(shape, dtype):
   """Zeros typed as varying over 'expert': a ragged all-to-all's result takes its `output` buffer's type,
   and each device's result differs."""
   z = jnp.zeros(shape, dtype)
-  for name in ("pcast", "pvary"):  # jax 0.10+: pcast(..., to='varying'); older: pvary
-    fn = getattr(jax.lax, name, None)
-    if fn is None:
-      continue
-    try:
-      return fn(z, EXPERT_AXIS, to="varying") if name == "pcast" else fn(z, (EXPERT_AXIS,))
-    except (TypeError, ValueError):  # already varying, or no type checking (check_vma=False)
-      return z
-  return z
+  try:
+    return jax.lax.pcast(z, EXPERT_AXIS, to="varying")
+  except (TypeError, ValueError):  # already varying, or no type checking (check_vma=False)
+    return z
 
 
 def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -146,22 +141,7 @@ def _ragged_emulated(operand, output, input_offsets, send_sizes, output_offsets,
   return output.at[dst.reshape(-1)].set(recv.reshape((-1,) + recv.shape[2:]), mode="drop")
 
 
-def _expert_ffn(xs, group_sizes, w_gate, w_up, w_down, impl, precision):
-  """Rows sorted by local expert (group_sizes of each, then empty rows, whose output is 0)."""
-  if precision == "fp8":
-    # The FP8 recipe on the same grouped layout, one assignment of weight 1 per row: the empty rows get the
-    # out-of-range expert id E_local, which the recipe's sort leaves out of every group.
-    from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
-    rows = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    expert = jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right").astype(jnp.int32)
-    weight = (expert < w_gate.shape[0]).astype(jnp.float32)
-    return fp8_experts(xs, expert[:, None], weight[:, None], w_gate, w_up, w_down, impl=impl)
-  h = (jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, impl=impl))
-       * grouped_matmul(xs, w_up, group_sizes, impl=impl))
-  return grouped_matmul(h.astype(xs.dtype), w_down, group_sizes, impl=impl)
-
-
-def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl, precision,
+def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, expert_ffn,
                     collective, capacity_factor):
   """Per-device body when tokens are split over 'expert' (steps 1-5 of the module docstring)."""
   t, k = idx.shape
@@ -209,7 +189,7 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
 
   # 3. local grouped matmuls over the received rows sorted by local expert (empty slots sort last).
   l_order, l_sizes, l_inverse = sort_by_expert(local_ids[:, None], num_experts=e_local)
-  ys = _expert_ffn(permute(x_slots, l_order, 1), l_sizes, w_gate, w_up, w_down, impl, precision)
+  ys = expert_ffn(permute(x_slots, l_order, 1), l_sizes, w_gate, w_up, w_down)
   y_slots = jnp.take(ys, l_inverse, axis=0)                               # [ep * cap, D]
 
   # 4. return every row to its source, at its sorted position there.
@@ -233,8 +213,7 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
   return y, dropped
 
 
-def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, impl,
-                      precision):
+def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, expert_ffn):
   """Per-device body when tokens are replicated over 'expert': local experts only, summed over 'expert'."""
   e_local = w_gate.shape[0]
   me = jax.lax.axis_index(EXPERT_AXIS)
@@ -242,28 +221,28 @@ def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hid
   mine = (local >= 0) & (local < e_local)
   order, group_sizes, inverse = sort_by_expert(jnp.where(mine, local, e_local),
                                                num_experts=e_local)
-  ys = _expert_ffn(permute(x, order, idx.shape[1]), group_sizes, w_gate, w_up, w_down, impl, precision)
+  ys = expert_ffn(permute(x, order, idx.shape[1]), group_sizes, w_gate, w_up, w_down)
   y = combine(ys, inverse, jnp.where(mine, weights, 0))
   return jax.lax.psum(y, (EXPERT_AXIS,) + tuple(hidden_axes)), jnp.zeros((), jnp.int32)
 
 
-def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
-                            precision: str = "fp32", mesh=None,
+def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *,
+                            expert_ffn: Callable = grouped_swiglu, check_vma: bool = True, mesh=None,
                             rules: Optional[Sequence] = None, collective: str = "auto",
                             capacity_factor: Optional[float] = None, return_dropped: bool = False):
   """The routed experts' output with the experts split over the 'expert' mesh axis (see module docstring).
 
-  Computes the same function as `deepseek_jax.ops.moe_dispatch.routed_experts`:
+  Computes the same function as `deepseek_jax.layers.moe.routed_experts`:
   y[t] = sum_k weights[t, k] * expert_{idx[t, k]}(x[t]), dropless unless `capacity_factor` is given.
 
   Args:
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: grouped matmul of each device's expert-sorted rows: 'auto' ('pallas' on GPU, 'xla' elsewhere) |
-      'xla' | 'pallas'; 'dense', 'blocked' and 'host' (single-device layouts) run as 'xla'.
-    precision: `ModelConfig.precision`; 'fp8' runs those grouped GEMMs with the FP8 recipe of
-      `deepseek_jax.layers.fp8_experts`.
+    expert_ffn: `expert_ffn(xs, group_sizes, w_gate, w_up, w_down) -> ys`, the experts on each device's
+      rows sorted by local expert (group_sizes rows of each; rows past them must give 0): default
+      `moe_dispatch.grouped_swiglu` (ragged_dot); `layers.moe` passes its impl and the FP8 recipe.
+    check_vma: check the varying-manual-axes types inside the shard_map (Pallas calls carry none: False).
     mesh: the mesh (Mesh or AbstractMesh); default the ambient one (`jax.set_mesh`).
     rules: logical-axis rules; default the active `nn.logical_axis_rules`, else `sharding.LOGICAL_RULES`.
     collective: 'auto' (ragged all-to-all on GPU / TPU, padded elsewhere) | 'ragged' | 'padded' |
@@ -290,7 +269,6 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
     raise ValueError(f"capacity_factor={capacity_factor!r} must be positive or None")
   if collective == "auto":
     collective = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
-  impl = "xla" if impl in ("dense", "blocked", "host") else resolve(impl, field="moe_impl")
   rules = _rules() if rules is None else tuple(rules)
   t = x.shape[0]
   token_axes = _token_axes(mesh, rules, t)
@@ -303,11 +281,11 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
   def body(x, idx, weights, w_gate, w_up, w_down):
     if split:
       y, dropped = _local_dispatch(x, idx, weights, w_gate, w_up, w_down, num_experts=num_experts,
-                                   hidden_axes=hidden_axes, impl=impl, precision=precision,
+                                   hidden_axes=hidden_axes, expert_ffn=expert_ffn,
                                    collective=collective, capacity_factor=capacity_factor)
     else:
       y, dropped = _local_replicated(x, idx, weights, w_gate, w_up, w_down, num_experts=num_experts,
-                                     hidden_axes=hidden_axes, impl=impl, precision=precision)
+                                     hidden_axes=hidden_axes, expert_ffn=expert_ffn)
     if token_axes:
       dropped = jax.lax.psum(dropped, token_axes)
     return y, dropped.astype(jnp.float32)
@@ -317,9 +295,8 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str 
   explicit = any(t_ == jax.sharding.AxisType.Explicit for t_ in getattr(mesh, "axis_types", ()))
   if explicit:
     args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs))
-  # Pallas calls carry no varying-manual-axes types, so the check is off for them (docs/design.md).
-  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, P()),
-                     check_vma=impl != "pallas")
+  # Pallas calls carry no varying-manual-axes types, so the caller turns the check off for them.
+  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, P()), check_vma=check_vma)
   y, dropped = fn(*args)
   if return_dropped:
     return y, dropped / (t * idx.shape[1])

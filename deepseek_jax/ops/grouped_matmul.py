@@ -2,20 +2,22 @@
 
 import jax
 
-from deepseek_jax.ops.backend import resolve
+IMPLS = ("xla", "pallas")
 
 
-def grouped_matmul(x, w, group_sizes, *, impl: str = "auto"):
+def grouped_matmul(x, w, group_sizes, *, impl: str = "xla", interpret: bool | None = None):
   """out[r] = x[r] @ w[g(r)] for rows r of group g (rows sorted by group; rows past the total give 0).
 
   Args:
     x: [M, K]; w: [G, K, N]; group_sizes: [G] int32.
-    impl: 'auto' | 'xla' (ragged_dot) | 'pallas' (kernels.grouped_matmul.gmm).
+    impl: 'xla' (ragged_dot) | 'pallas' (kernels.grouped_matmul.gmm).
+    interpret: the Pallas kernel's interpret mode (`ModelConfig.pallas_interpret`).
   Returns:
     [M, N].
   """
-  impl = resolve(impl, field="moe_impl")
+  if impl not in IMPLS:
+    raise ValueError(f"grouped matmul impl={impl!r}: expected one of {IMPLS}")
   if impl == "pallas":
     from kernels import grouped_matmul as gm  # pylint: disable=g-import-not-at-top
-    return gm.gmm(x, w, group_sizes)
+    return gm.gmm(x, w, group_sizes, interpret=interpret)
   return jax.lax.ragged_dot(x, w, group_sizes.astype("int32"))

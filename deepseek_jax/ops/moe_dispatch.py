@@ -1,15 +1,16 @@
-"""Routed-expert computation of a DeepSeekMoE layer: the dispatch implementations.
+"""Routed-expert computation of a DeepSeekMoE layer: the single-device dispatch implementations.
 
 All compute y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]) with expert(x) = (silu(x Wg) * (x Wu)) Wd, dropless:
-- 'dense': every expert on every token, combined through a [T, E] weight matrix (the reference).
-- 'host' (CPU default where it builds): the SwiGLU FFN as an XLA FFI custom call over the host's BLAS,
-  one single-threaded sgemm per (expert, row tile) on XLA's thread pool (`kernels.host_moe`); float32,
-  one device.
-- 'blocked' (CPU fallback): each expert's rows padded to a block multiple, one batched matmul over blocks.
-- 'xla': sort the T*K (token, expert) assignments by expert, grouped matmuls with `jax.lax.ragged_dot`
-  over the contiguous groups, unsort, weighted sum over K.
-- 'pallas': the same with the Pallas `kernels.grouped_matmul.gmm`.
-`capacity_experts` (fixed capacity per expert, drops the overflow) is there for comparison only.
+- 'dense' (`dense_experts`): every expert on every token, combined through a [T, E] weight matrix (the
+  reference).
+- 'blocked' (`blocked_experts`, the CPU default): each expert's rows padded to a block multiple, one batched
+  matmul over blocks.
+- 'xla' / 'pallas' (`sorted_experts`): sort the T*K (token, expert) assignments by expert, grouped matmuls
+  (`jax.lax.ragged_dot` / the Pallas `kernels.grouped_matmul.gmm`) over the contiguous groups, unsort,
+  weighted sum over K.
+- 'host' (opt-in, CPU float32): `kernels.host_moe.host_experts`.
+`capacity_experts` (fixed capacity per expert, drops the overflow) is there for comparison only.  Which one
+runs is `deepseek_jax.layers.moe.routed_experts`'s choice.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import host_build, host_moe
 from kernels.dispatch import combine, permute, sort_by_expert, take_rows
-from deepseek_jax.ops.backend import on_gpu, resolve
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 
@@ -36,26 +35,29 @@ def dense_experts(x, idx, weights, w_gate, w_up, w_down):
   return jnp.einsum("TED,TE->TD", y, dense_w.astype(x.dtype))
 
 
-def sorted_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str):
+def grouped_swiglu(xs, group_sizes, w_gate, w_up, w_down, *, impl: str = "xla", interpret: bool | None = None):
+  """(silu(xs Wg) * (xs Wu)) Wd on rows sorted by expert (group_sizes rows of each; rows past them give 0)
+  as three grouped matmuls (impl 'xla' or 'pallas', `deepseek_jax.ops.grouped_matmul`)."""
+  mm = lambda a, w: grouped_matmul(a, w, group_sizes, impl=impl, interpret=interpret)
+  h = jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)
+  return mm(h.astype(xs.dtype), w_down)
+
+
+def sorted_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", interpret: bool | None = None):
   """Sort by expert, three grouped matmuls, unsort and combine (impl 'xla' or 'pallas')."""
   k = idx.shape[1]
   order, group_sizes, inverse = sort_by_expert(idx, num_experts=w_gate.shape[0])
   xs = permute(x, order, k)                                               # [T*K, D]
   xs = nn.with_logical_constraint(xs, ("activation_exp_tokens", "activation_embed"))
-  h = (jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes, impl=impl))
-       * grouped_matmul(xs, w_up, group_sizes, impl=impl))
-  ys = grouped_matmul(h.astype(x.dtype), w_down, group_sizes, impl=impl)
+  ys = grouped_swiglu(xs, group_sizes, w_gate, w_up, w_down, impl=impl, interpret=interpret)
   return combine(ys, inverse, weights)
 
 
 def block_size_for(rows: int, num_experts: int) -> int:
   """Rows per block of the blocked dispatch: 128, the smallest power of two >= rows (at least 8) if that is
   less, halved while the padding bound num_experts x (block - 1) exceeds 8 x rows (few tokens over many
-  experts, e.g. decoding).
-
-  XLA:CPU spends about the same time per block on blocks of up to 128 rows, so fewer and fuller blocks win
-  even at twice the rows: fwd + bwd at T=2048, E=64, K=2 takes 185 ms with 16-row blocks, 101 ms with 64,
-  87 ms with 128 and 132 ms with 256.
+  experts, e.g. decoding).  XLA:CPU spends about the same time per block on blocks of up to 128 rows, so
+  fewer and fuller blocks win even at twice the rows.
   """
   block = min(128, max(8, 1 << max(rows - 1, 0).bit_length()))
   while block > 8 and num_experts * (block - 1) > 8 * rows:
@@ -106,8 +108,7 @@ def swiglu_blocks(xb, per_block, w_gate, w_up, w_down):
 
 # The blocked layout's gathered operands (token rows in slots, each block's expert weights) are regathered in
 # the backward pass instead of kept: a gather is cheap, and the per-block weights are N x D x 2F, more than
-# the expert weights themselves.  Train step of the scanned `small` preset (batch 8 x 1024): 14.1 -> 10.6 GB
-# of XLA temporaries; the unrolled step 14.3 -> 14.0 GB; step time unchanged on CPU.
+# the expert weights themselves.
 GATHERED = "moe_blocked_gathered"
 
 
@@ -128,9 +129,8 @@ def chains_for(num_blocks: int, block: int) -> int:
 
 
 # The blocked experts run as this many independent chains (gathers, batched matmuls, activations) over
-# contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly (Eigen runs
-# it on one thread, YNN at about 1.3x that on two), while its thunk executor runs independent ops on idle
-# threads.  MoE fwd + bwd at T2048 E16 K4 on 2 cores: 2 chains 1.15x, 4 chains 1.28x, 8 chains 1.30x.
+# contiguous ranges of blocks.  XLA:CPU parallelises one batched matmul of 128-row blocks poorly, while its
+# thunk executor runs independent ops on idle threads.
 BLOCK_CHAINS = 4
 MIN_CHAIN_ROWS = 1024
 
@@ -271,55 +271,3 @@ def _from_slots_bwd(ranges, res, g):
 
 
 _from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
-
-
-def cpu_default_impl(*dtypes) -> str:
-  """What moe_impl='auto' runs on CPU for experts whose operands have these dtypes: 'host'
-  (`kernels.host_moe`) when all are float32, on a single device (the custom call is opaque to sharding)
-  and where the kernel builds, else 'blocked' (with a warning, once, when the kernel itself is what is
-  missing)."""
-  if not host_build.usable_for(*dtypes, what="kernels.host_moe",
-                              fallback="the CPU MoE layer uses the blocked layout"):
-    return "blocked"
-  return "host"
-
-
-def resolved_impl(impl: str, *dtypes) -> str:
-  """The layout `routed_experts` runs for `impl` on one device: 'auto' is 'pallas' on GPU and
-  `cpu_default_impl(*dtypes)` elsewhere; other values are themselves."""
-  if impl != "auto":
-    return impl
-  return "pallas" if on_gpu() else cpu_default_impl(*dtypes)
-
-
-def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
-  """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
-
-  Under a mesh with an 'expert' axis of size > 1 the experts are split over it
-  (`deepseek_jax.ops.expert_parallel`, which also runs the FP8 recipe).
-
-  Args:
-    x: [T, D] tokens in the compute dtype.
-    idx, weights: [T, K] expert ids and gate weights from the router.
-    w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: `ModelConfig.moe_impl` ('auto' | 'dense' | 'host' | 'blocked' | 'xla' | 'pallas'); 'auto' is
-      'pallas' on GPU and 'host' or 'blocked' on CPU (`resolved_impl`).
-    precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
-      (`deepseek_jax.layers.fp8_experts`).
-  """
-  from deepseek_jax.ops import expert_parallel  # pylint: disable=g-import-not-at-top
-  if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
-    return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl,
-                                                   precision=precision)
-  if precision == "fp8":
-    from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
-    return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)
-  if impl == "dense":
-    return dense_experts(x, idx, weights, w_gate, w_up, w_down)
-  impl = resolved_impl(impl, x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
-  if impl == "host":
-    return host_moe.host_experts(x, idx, weights, w_gate, w_up, w_down)
-  if impl == "blocked":
-    return blocked_experts(x, idx, weights, w_gate, w_up, w_down)
-  return sorted_experts(x, idx, weights, w_gate, w_up, w_down,
-                        impl=resolve(impl, field="moe_impl"))

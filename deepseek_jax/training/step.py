@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseek_jax.ops import impls
 from deepseek_jax.training import balance as balance_lib
 from deepseek_jax.training.losses import cross_entropy, objective
 from deepseek_jax.training.optimizer import Schedules
@@ -52,6 +53,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedule
   accum = int(grad_accum)
   if accum < 1:
     raise ValueError(f"grad_accum={grad_accum} must be >= 1")
+  model = _resolved(model, batch_sharding)
 
   def loss_fn(params, router, inputs, targets, lam):
     out = model.apply({"params": params, "router": router}, inputs)
@@ -121,6 +123,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedules: Schedule
   return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
 
 
+def _resolved(model, batch_sharding):
+  """The model with its implementation choices resolved (`ops.impls`) for the batch's mesh (else the ambient
+  one)."""
+  mesh = batch_sharding.mesh if isinstance(batch_sharding, NamedSharding) else None
+  return model.clone(cfg=impls.resolve_config(model.cfg, mesh=mesh))
+
+
 def _replicated(batch_sharding) -> Optional[NamedSharding]:
   """Metrics replicated on the batch's mesh: every process can read them (multi-process runs)."""
   if isinstance(batch_sharding, NamedSharding):
@@ -139,6 +148,7 @@ def make_eval_step(model, *, state_sharding: Optional[Any] = None,
   Returns:
     eval(state, batch) -> (sum of next-token cross-entropies, token count), float32 scalars.
   """
+  model = _resolved(model, batch_sharding)
 
   def evaluate(state: TrainState, batch: dict):
     out = model.apply(state.variables, batch["inputs"])

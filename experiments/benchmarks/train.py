@@ -8,7 +8,8 @@ layer, where maxtext is importable, which needs Python >= 3.12). MFU counts the 
 measured in the same run in the compute dtype (`--dtype`, default the preset's float32), and on a GPU the
 datasheet knows (`analysis.hardware.gpu_for_device`), in bf16 / fp16, also against its dense peak
 (`mfu_vs_datasheet`). Every contender (ours, our step under the `--remat` policies, `--scan_layers` and
-the `--impls` choices, e.g. `matmul_impl=xla`, transformers, MaxText) is compiled and warmed up first and
+the `--impls` choices, e.g. `matmul_impl=xla` or, '+'-joined in one variant,
+`attention_impl=host+moe_impl=host+matmul_impl=host`, transformers, MaxText) is compiled and warmed up first and
 then timed in interleaved rounds, one step of each per round, so that a slow phase of a shared machine hits
 all of them alike. `--ablate=PARTS` also times our
 step with each part swapped for a stand-in of negligible work (`ablation`: routed_experts, attention,
@@ -28,14 +29,12 @@ import jax.numpy as jnp
 from deepseek_jax import DeepSeekV3
 from deepseek_jax.analysis.flops import train_flops_per_token
 from deepseek_jax.analysis.hardware import gpu_for_device
-from deepseek_jax.ops import attention, moe_dispatch
-from deepseek_jax.ops import matmul as ops_matmul
+from deepseek_jax.ops import impls as impls_lib
 from deepseek_jax.training.optimizer import Schedules, make_optimizer
 from deepseek_jax.training.state import create_state
 from deepseek_jax.training.step import make_train_step
 from experiments.benchmarks import ablation, maxtext_step
 from experiments.benchmarks.common import bench_config, interleaved, machine, matmul_peak
-from kernels import host_build
 
 
 def _ours(cfg, batch, seq_len):
@@ -118,8 +117,8 @@ def run(flags) -> dict:
   thunks["ours"], compile_s["ours"], ours_step = _ours(cfg, batch, seq_len)
   variants = {f"remat:{p}": dataclasses.replace(cfg, remat_policy=p)
               for p in (getattr(flags, "remat", "") or "").split(",") if p and p != cfg.remat_policy}
-  for name, (field, value) in _impl_choices(getattr(flags, "impls", "") or "").items():
-    variants[name] = dataclasses.replace(cfg, **{field: value})
+  for name, fields in _impl_choices(getattr(flags, "impls", "") or "").items():
+    variants[name] = dataclasses.replace(cfg, **fields)
   if getattr(flags, "scan_layers", False) and not cfg.scan_layers:
     variants["scan_layers"] = dataclasses.replace(cfg, scan_layers=True)
   for name, variant in variants.items():
@@ -149,15 +148,8 @@ def run(flags) -> dict:
 
   result = {"suite": "train", "machine": machine(), "config": preset, "batch": batch, "seq_len": seq_len,
             "train_flops_per_token": train_flops, "jax_matmul_peak_flops": peak,
-            "ours": rates("ours", compile_s=compile_s["ours"], moe_impl=cfg.moe_impl,
-                          moe_impl_resolved=moe_dispatch.resolved_impl(cfg.moe_impl, cfg.dtype),
-                          attention_impl=cfg.attention_impl,
-                          attention_impl_resolved=attention.resolved_impl(cfg.attention_impl, cfg.dtype),
-                          matmul_impl=cfg.matmul_impl,
-                          matmul_impl_resolved=ops_matmul.resolved_impl(cfg.matmul_impl, cfg.dtype),
-                          host_blas=host_build.blas() if jax.default_backend() == "cpu" else None,
-                          remat_policy=cfg.remat_policy,
-                          dtype=cfg.dtype)}
+            "ours": rates("ours", compile_s=compile_s["ours"], impls=impls_lib.resolve(cfg).describe(),
+                          remat_policy=cfg.remat_policy, dtype=cfg.dtype)}
   if datasheet:
     result["datasheet_peak_flops"] = datasheet
     result["ours"]["mfu_vs_datasheet"] = train_flops * tokens / ours["median_s"] / datasheet
@@ -166,8 +158,12 @@ def run(flags) -> dict:
   if remat:
     result["remat"] = remat
   impls = {name.split(":", 1)[1]: rates(name, compile_s=compile_s[name],
-                                        vs_ours=ours["median_s"] / timed[name]["median_s"])
+                                        vs_ours=ours["median_s"] / timed[name]["median_s"],
+                                        impls=impls_lib.resolve(variants[name]).describe())
            for name in variants if name.startswith("impl:")}
+  if any(v == "host" for name in variants if name.startswith("impl:") for v in _impl_values(variants[name])):
+    from kernels import host_build  # pylint: disable=g-import-not-at-top
+    result["host_blas"] = host_build.blas()
   if impls:
     result["impls"] = impls
   if "scan_layers" in variants:
@@ -181,6 +177,8 @@ def run(flags) -> dict:
   if hf is not None:
     result["transformers"] = rates("transformers", **hf_info)
     result["speedup_vs_transformers"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    for name, row in impls.items():
+      row["speedup_vs_transformers"] = row["tokens_per_s"] / result["transformers"]["tokens_per_s"]
   if mt_info:
     result["maxtext"] = {v: rates(f"maxtext:{v}", **info) for v, info in mt_info.items()}
     result["speedup_vs_maxtext"] = {v: timed[f"maxtext:{v}"]["median_s"] / ours["median_s"] for v in mt_info}
@@ -194,17 +192,25 @@ def run(flags) -> dict:
   return result
 
 
-_IMPL_FIELDS = ("attention_impl", "moe_impl", "matmul_impl")
+_IMPL_FIELDS = ("attention_impl", "decode_impl", "moe_impl", "matmul_impl")
+
+
+def _impl_values(cfg) -> tuple:
+  return tuple(getattr(cfg, f) for f in _IMPL_FIELDS)
 
 
 def _impl_choices(spec: str) -> dict:
-  """'field=value,...' (fields of _IMPL_FIELDS) as {'impl:field=value': (field, value)}."""
+  """'field=value[+field=value...],...' (fields of _IMPL_FIELDS) as {'impl:<item>': {field: value, ...}}: one
+  variant per comma-separated item, its '+'-joined choices together."""
   out = {}
   for item in filter(None, (x.strip() for x in spec.split(","))):
-    field, sep, value = item.partition("=")
-    if not sep or field not in _IMPL_FIELDS or not value:
-      raise ValueError(f"--impls: {item!r} is not one of {_IMPL_FIELDS}=<value>")
-    out[f"impl:{field}={value}"] = (field, value)
+    fields = {}
+    for part in (p.strip() for p in item.split("+")):
+      field, sep, value = part.partition("=")
+      if not sep or field not in _IMPL_FIELDS or not value:
+        raise ValueError(f"--impls: {part!r} is not one of {_IMPL_FIELDS}=<value>")
+      fields[field] = value
+    out[f"impl:{item.replace(' ', '')}"] = fields
   return out
 
 

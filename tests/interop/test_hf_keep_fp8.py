@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
-from deepseek_jax.interop import hf, hf_names, safetensors_io
+from deepseek_jax.interop import fp8_variables, hf, hf_names, safetensors_io
 from deepseek_jax.interop.placement import abstract_variables
-from deepseek_jax.layers import fp8_weights
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 # Widths past 128 with ragged edge blocks (200 = 128 + 72, expert width 136, q_lora 136, heads x qk 2 x 32).
@@ -88,7 +87,7 @@ def test_fp8_weights_logits_equal_the_dequantized_model(checkpoint):
   print(f"fp8_weights vs dequantized logits: max rel err {err:.2e} (mtp {err_mtp:.2e})")
   assert err <= 1e-5 and err_mtp <= 1e-5
   # The quantized tensors take half their bf16 bytes (plus one fp32 scale per 128 x 128 block).
-  mem = fp8_weights.weight_memory(cfg8)
+  mem = fp8_variables.weight_memory(cfg8)
   print("memory:", mem)
   assert 0.5 < mem["quantized_ratio"] < 0.51
   assert mem["ratio"] < 1.0 and mem["fp8"] < mem["bf16"]
@@ -100,7 +99,7 @@ def test_keep_fp8_quantizes_a_higher_precision_checkpoint(checkpoint):
   cfg8, v8, report = hf.load_with_report(base / "fp32", keep_fp8=True)
   assert report.fp8_quantized > 0 and report.fp8_kept == 0
   # Same as quantizing the loaded model in memory, and as the FP8 file written by save(fp8=True).
-  cfg_q, v_q = fp8_weights.quantize_variables(cfg, v)
+  cfg_q, v_q = fp8_variables.quantize_variables(cfg, v)
   assert cfg_q == cfg8
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)),
                v8, v_q)
@@ -109,10 +108,10 @@ def test_keep_fp8_quantizes_a_higher_precision_checkpoint(checkpoint):
   np.testing.assert_array_equal(_leaf(v8, ek).view(np.uint8), _leaf(v_file, ek).view(np.uint8))
   # And back: dequantize_variables gives the FP8 set's weights exactly as the ordinary load of the FP8 file
   # (whose other tensors save(fp8=True) wrote in bf16).
-  cfg_d, v_d = fp8_weights.dequantize_variables(cfg8, v8)
+  cfg_d, v_d = fp8_variables.dequantize_variables(cfg8, v8)
   cfg_f, v_f = hf.load(base / "fp8")
   assert cfg_d == cfg_f
-  for path in fp8_weights.fp8_layout(cfg8):
+  for path in fp8_variables.fp8_layout(cfg8):
     np.testing.assert_array_equal(_leaf(v_d, path), _leaf(v_f, path))
 
 

@@ -1,7 +1,7 @@
-"""kernels.host_matmul: the host BLAS matmul and its VJP against jnp.dot, and the CPU default's choice."""
+"""kernels.host_matmul: the host BLAS matmul and its VJP against jnp.dot, and choosing it
+(`matmul_impl='host'`)."""
 
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dsj
+from deepseek_jax.ops import impls
 from deepseek_jax.ops import matmul as ops_matmul
 from kernels import host_build, host_matmul
 
 _BUILDABLE = shutil.which("c++") or shutil.which("g++")
 needs_kernel = pytest.mark.skipif(not host_matmul.available() and not _BUILDABLE,
                                   reason=f"host_matmul unavailable: {host_matmul.unavailable_reason()}")
+
+
+def _reference(a, b):
+  return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _operands(m, k, n, seed=0):
@@ -54,8 +59,8 @@ def test_kernel_builds_here():
 ])
 def test_product_and_gradients_match_jnp_dot(m, k, n):
   a, b = _operands(m, k, n)
-  _close(jax.jit(host_matmul.host_matmul)(a, b), host_matmul.reference(a, b))
-  _close(_value_and_grads(host_matmul.host_matmul, a, b), _value_and_grads(host_matmul.reference, a, b))
+  _close(jax.jit(host_matmul.host_matmul)(a, b), _reference(a, b))
+  _close(_value_and_grads(host_matmul.host_matmul, a, b), _value_and_grads(_reference, a, b))
 
 
 @needs_kernel
@@ -67,7 +72,7 @@ def test_every_operand_layout(trans_a, trans_b, m, k, n):
   a, b = _operands(m, k, n, seed=1)
   a_in, b_in = (a.T if trans_a else a), (b.T if trans_b else b)
   got = jax.jit(lambda x, y: host_matmul._call(x, y, trans_a, trans_b))(a_in, b_in)
-  _close(got, host_matmul.reference(a, b))
+  _close(got, _reference(a, b))
 
 
 @needs_kernel
@@ -77,7 +82,7 @@ def test_is_deterministic_and_vmaps():
   np.testing.assert_array_equal(np.asarray(f(a, b)), np.asarray(f(a, b)))
   batch = jnp.stack([a[:64], 2 * a[64:128]])
   _close(jax.vmap(host_matmul.host_matmul, in_axes=(0, None))(batch, b),
-         jnp.stack([host_matmul.reference(x, b) for x in batch]))
+         jnp.stack([_reference(x, b) for x in batch]))
 
 
 @needs_kernel
@@ -91,36 +96,26 @@ def test_rejects_other_dtypes_ranks_and_shapes():
     host_matmul.host_matmul(a[None], b)
   with pytest.raises(ValueError, match="float32"):
     ops_matmul.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), impl="host")
-  with pytest.raises(ValueError, match="matmul_impl"):
+  with pytest.raises(ValueError, match="matmul impl"):
     ops_matmul.matmul(a, b, impl="pallas")
   with pytest.raises(ValueError, match="matmul_impl"):
     dsj.ModelConfig.preset("tiny", matmul_impl="blas")
 
 
 @needs_kernel
-def test_cpu_default_uses_the_kernel_for_float32_on_one_device():
-  one = jax.device_count() == 1
-  assert ops_matmul.resolved_impl("auto", jnp.float32, jnp.float32) == ("host" if one else "xla")
-  assert ops_matmul.resolved_impl("auto", jnp.float32, jnp.bfloat16) == "xla"
-  assert ops_matmul.resolved_impl("xla", jnp.float32) == "xla"
-  assert ops_matmul.resolved_impl("host", jnp.float32) == "host"
+def test_host_runs_only_where_chosen():
   a, b = _operands(16, 8, 4)
-  text = jax.jit(lambda a, b: ops_matmul.matmul(a, b)).lower(a, b).as_text()
-  assert ("dsj_host_matmul" in text) == one
-  assert "dsj_host_matmul" not in jax.jit(lambda a, b: ops_matmul.matmul(a, b, impl="xla")).lower(a, b).as_text()
+  assert "dsj_host_matmul" in jax.jit(lambda a, b: ops_matmul.matmul(a, b, impl="host")).lower(a, b).as_text()
+  assert "dsj_host_matmul" not in jax.jit(lambda a, b: ops_matmul.matmul(a, b)).lower(a, b).as_text()
 
 
-def test_cpu_default_falls_back_to_jnp_dot_with_a_warning(monkeypatch):
+def test_unavailable_kernel_raises(monkeypatch):
   a, b = _operands(16, 8, 4)
   monkeypatch.setattr(host_build, "_state", {"reason": "no C++ compiler (test)"})
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    text = jax.jit(lambda a, b: ops_matmul.matmul(a, b)).lower(a, b).as_text()
-  assert "dsj_host_matmul" not in text
-  if jax.device_count() == 1:
-    assert any("no C++ compiler (test)" in str(w.message) for w in caught)
   with pytest.raises(RuntimeError, match=r"unavailable: no C\+\+ compiler \(test\)"):
     host_matmul.host_matmul(a, b)
+  with pytest.raises(ValueError, match=r"matmul_impl='host' needs the host kernels"):
+    impls.resolve(dsj.ModelConfig.preset("tiny", matmul_impl="host"), backend="cpu", mesh=None)
 
 
 @needs_kernel

@@ -1,13 +1,14 @@
-"""kernels.host_moe: the host BLAS expert FFN against its pure-jnp reference, and the CPU default's choice."""
+"""kernels.host_moe: the host BLAS expert FFN against the dense reference (`moe_dispatch.dense_experts`), and
+choosing it (`moe_impl='host'`)."""
 
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepseek_jax.layers.moe import routed_experts
 from deepseek_jax.ops import moe_dispatch
 from kernels import host_build, host_moe
 
@@ -24,6 +25,13 @@ def _case(t, e, k, d, f, seed=0, skew=0.0, scale=0.1):
   weights, idx = jax.lax.top_k(jax.nn.sigmoid(logits), k)
   ws = [jax.random.normal(kk, s) * scale for kk, s in zip(ks[2:5], [(e, d, f), (e, d, f), (e, f, d)])]
   return x, idx.astype(jnp.int32), weights, ws
+
+
+def _reference(x, idx, weights, w_gate, w_up, w_down):
+  """The dense reference; assignments to ids outside [0, E) contribute nothing."""
+  valid = (idx >= 0) & (idx < w_gate.shape[0])
+  return moe_dispatch.dense_experts(x, jnp.where(valid, idx, 0), jnp.where(valid, weights, 0), w_gate, w_up,
+                                    w_down)
 
 
 def _value_and_grads(fn, x, idx, weights, ws):
@@ -54,7 +62,7 @@ def test_kernel_builds_here():
 def test_forward_and_gradients_match_the_reference(t, e, k, d, f, tile, skew):
   x, idx, weights, ws = _case(t, e, k, d, f, skew=skew)
   got = _value_and_grads(lambda *a: host_moe.host_experts(*a, tile=tile), x, idx, weights, ws)
-  want = _value_and_grads(host_moe.reference, x, idx, weights, ws)
+  want = _value_and_grads(_reference, x, idx, weights, ws)
   _assert_close(got, want)
   if skew:   # the case does exercise empty experts
     assert int(jnp.min(jnp.bincount(idx.reshape(-1), length=e))) == 0
@@ -65,7 +73,7 @@ def test_assignments_outside_the_experts_contribute_nothing():
   x, idx, weights, ws = _case(48, 6, 3, 16, 8, seed=3)
   idx = idx.at[:5, 0].set(6).at[7, 2].set(-1)   # unrouted assignments (e.g. a mask)
   got = _value_and_grads(host_moe.host_experts, x, idx, weights, ws)
-  want = _value_and_grads(host_moe.reference, x, idx, weights, ws)
+  want = _value_and_grads(_reference, x, idx, weights, ws)
   _assert_close(got, want)
 
 
@@ -81,7 +89,7 @@ def test_large_activations_stay_finite_and_exact():
     loss = lambda x, weights, wg, wu, wd: jnp.sum(r * fn(x, idx, weights, wg, wu, wd))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, weights, *ws)
 
-  got, want = value_and_grads(host_moe.host_experts), value_and_grads(host_moe.reference)
+  got, want = value_and_grads(host_moe.host_experts), value_and_grads(_reference)
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(got))
   _assert_close(got, want, rtol=2e-5)
 
@@ -108,26 +116,18 @@ def test_rejects_other_dtypes_mismatched_shapes_and_empty_tiles():
 
 
 @needs_kernel
-def test_cpu_default_uses_the_kernel_for_float32_on_one_device():
+def test_host_runs_only_where_chosen():
   x, idx, weights, ws = _case(32, 4, 2, 8, 8)
-  assert moe_dispatch.cpu_default_impl(jnp.float32) == ("host" if jax.device_count() == 1 else "blocked")
-  assert moe_dispatch.cpu_default_impl(jnp.bfloat16) == "blocked"
-  assert moe_dispatch.cpu_default_impl(jnp.float32, jnp.bfloat16) == "blocked"
-  assert moe_dispatch.resolved_impl("auto", jnp.float32) == moe_dispatch.cpu_default_impl(jnp.float32)
-  assert moe_dispatch.resolved_impl("blocked", jnp.float32) == "blocked"
-  text = jax.jit(lambda *a: moe_dispatch.routed_experts(*a)).lower(x, idx, weights, *ws).as_text()
-  assert ("dsj_host_moe_ffn_fwd" in text) == (jax.device_count() == 1)
+  text = jax.jit(lambda *a: routed_experts(*a, impl="host")).lower(x, idx, weights, *ws).as_text()
+  assert "dsj_host_moe_ffn_fwd" in text
+  for impl in ("blocked", "xla", "dense"):
+    text = jax.jit(lambda *a, i=impl: routed_experts(*a, impl=i)).lower(x, idx, weights, *ws).as_text()
+    assert "dsj_host_moe" not in text
 
 
-def test_cpu_default_falls_back_to_blocked_with_a_warning(monkeypatch):
+def test_unavailable_kernel_raises(monkeypatch):
   x, idx, weights, ws = _case(32, 4, 2, 8, 8)
   monkeypatch.setattr(host_build, "_state", {"reason": "no C++ compiler (test)"})
   assert not host_moe.available()
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    text = jax.jit(lambda *a: moe_dispatch.routed_experts(*a)).lower(x, idx, weights, *ws).as_text()
-  assert "dsj_host_moe" not in text
-  if jax.device_count() == 1:
-    assert any("no C++ compiler (test)" in str(w.message) for w in caught)
   with pytest.raises(RuntimeError, match=r"unavailable: no C\+\+ compiler \(test\)"):
     host_moe.host_experts(x, idx, weights, *ws)

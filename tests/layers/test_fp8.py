@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from deepseek_jax.layers import fp8
+from deepseek_jax.ops import fp8
 
 F8 = ml_dtypes.float8_e4m3fn
 HALF_ULP = 2.0 ** -4           # E4M3: 3 mantissa bits, relative rounding error <= 2^-4 for normal values

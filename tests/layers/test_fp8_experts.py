@@ -6,9 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from deepseek_jax.layers import fp8, fp8_weights
-from deepseek_jax.layers.fp8_experts import fp8_experts
-from deepseek_jax.ops.moe_dispatch import block_size_for, routed_experts
+from deepseek_jax.layers import fp8_weights
+from deepseek_jax.ops import fp8
+from deepseek_jax.ops.fp8_experts import fp8_experts
+from deepseek_jax.layers.moe import routed_experts
+from deepseek_jax.ops.moe_dispatch import block_size_for
 
 F8 = ml_dtypes.float8_e4m3fn
 T, D, F, E, K = 24, 160, 136, 4, 2     # D, F past 128: two tiles / blocks per axis, ragged edges

@@ -27,11 +27,26 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.dispatch import combine, permute, sort_by_expert
-from deepseek_jax.layers import fp8
+from deepseek_jax.ops import fp8
 from deepseek_jax.ops import moe_dispatch
-from deepseek_jax.ops.backend import on_gpu, resolve, vary_like
 
 _HI = lax.Precision.HIGHEST
+IMPLS = ("dense", "blocked", "xla", "pallas")
+
+
+def _varying_axes(x) -> frozenset:
+  return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _vary_like(w, x):
+  """w marked varying over the manual mesh axes x varies over (inside `jax.shard_map`; a no-op outside).
+
+  A custom VJP must return each cotangent with its primal's type; the weight gradient of a product with
+  per-device tokens varies over the token axes, so the weights go in with that type already.  Autodiff then
+  transposes the cast into the psum over those axes that the weight gradient needs.
+  """
+  extra = tuple(sorted(_varying_axes(x) - _varying_axes(w)))
+  return jax.lax.pcast(w, extra, to="varying") if extra else w
 
 
 def _dense(xq, idx, weights, wg, wu, wd, tile):
@@ -102,7 +117,7 @@ def _qdq_token_tiles(a, tile_ids, num_tiles: int):
   return q.astype(a.dtype) * scale
 
 
-def _sorted(xq, idx, weights, wg, wu, wd, tile, impl):
+def _sorted(xq, idx, weights, wg, wu, wd, tile, impl, interpret):
   """Expert-sorted rows through grouped matmuls (ragged_dot or gmm) whose backward follows the report:
   dgrad with the cotangent per 1 x tile, wgrad with both operands per tile x 1 along each expert's tokens."""
   k = idx.shape[1]
@@ -113,7 +128,7 @@ def _sorted(xq, idx, weights, wg, wu, wd, tile, impl):
   def gmm(a, w, sizes):
     if impl == "pallas":
       from kernels import grouped_matmul as gm  # pylint: disable=g-import-not-at-top
-      return gm.gmm(a, w, sizes)
+      return gm.gmm(a, w, sizes, interpret=interpret)
     return lax.ragged_dot(a, w, sizes.astype(jnp.int32), precision=_HI)
 
   # The group sizes and tile ids are explicit (integer, non-differentiable) arguments: a custom VJP may
@@ -137,27 +152,43 @@ def _sorted(xq, idx, weights, wg, wu, wd, tile, impl):
   return combine(_gemm_ffn(xs, mm, wg, wu, wd, tile), inverse, weights)
 
 
-def fp8_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", tile: int = 128,
-                block: Tuple[int, int] = (128, 128)):
+def fp8_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "blocked", interpret: bool | None = None,
+                tile: int = 128, block: Tuple[int, int] = (128, 128)):
   """The routed experts' output [T, D] with FP8 (E4M3) expert GEMMs (see module docstring).
 
   Args:
-    x, idx, weights, w_gate, w_up, w_down, impl: as `deepseek_jax.ops.moe_dispatch.routed_experts`.
+    x, idx, weights, w_gate, w_up, w_down: as `deepseek_jax.layers.moe.routed_experts`.
+    impl: the dispatch layout, 'dense' | 'blocked' | 'xla' (ragged_dot) | 'pallas' (gmm).
+    interpret: the Pallas kernel's interpret mode (impl 'pallas').
     tile: activation tile along the contraction (1 x tile).
     block: weight block (per expert).
 
   Returns:
     [T, D] in x's dtype.
   """
+  if impl not in IMPLS:
+    raise ValueError(f"FP8 experts impl={impl!r}: expected one of {IMPLS}")
   f32 = jnp.float32
-  wg, wu, wd = (vary_like(fp8.fake_quant_blockwise(w.astype(f32), block), x)  # (inside expert parallelism)
+  wg, wu, wd = (_vary_like(fp8.fake_quant_blockwise(w.astype(f32), block), x)  # (inside expert parallelism)
                 for w in (w_gate, w_up, w_down))
   xq = fp8.fake_quant_act(x.astype(f32), tile)
   weights = weights.astype(f32)
   if impl == "dense":
     y = _dense(xq, idx, weights, wg, wu, wd, tile)
-  elif impl in ("blocked", "host") or (impl == "auto" and not on_gpu()):   # (host: float32 GEMMs only)
+  elif impl == "blocked":
     y = _blocked(xq, idx, weights, wg, wu, wd, tile)
   else:
-    y = _sorted(xq, idx, weights, wg, wu, wd, tile, resolve(impl, field="moe_impl"))
+    y = _sorted(xq, idx, weights, wg, wu, wd, tile, impl, interpret)
   return y.astype(x.dtype)
+
+
+def fp8_grouped_swiglu(xs, group_sizes, w_gate, w_up, w_down, *, impl: str = "xla",
+                       interpret: bool | None = None):
+  """The FP8 recipe on rows already sorted by expert (group_sizes rows of each, then rows whose output is 0):
+  one assignment of weight 1 per row, the rows past the groups given the out-of-range expert id E, which the
+  recipe's sort leaves out of every group.  `impl`: 'xla' | 'pallas'.  -> [M, D] in xs's dtype."""
+  rows = jnp.arange(xs.shape[0], dtype=jnp.int32)
+  expert = jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right").astype(jnp.int32)
+  weight = (expert < w_gate.shape[0]).astype(jnp.float32)
+  return fp8_experts(xs, expert[:, None], weight[:, None], w_gate, w_up, w_down, impl=impl,
+                     interpret=interpret)
