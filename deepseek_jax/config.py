@@ -19,7 +19,7 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 IMPLS = ("auto", "xla", "host", "pallas")
 DECODE_IMPLS = ("auto", "xla", "pallas")
-MOE_IMPLS = ("auto", "dense", "host", "blocked", "xla", "pallas")
+MOE_IMPLS = ("auto", "dense", "host", "blocked", "xla", "pallas", "tokamax")
 MATMUL_IMPLS = ("auto", "xla", "host")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -194,6 +194,7 @@ class ModelConfig:
   moe_impl: str = "auto"                  # auto | dense (every expert on every token) | blocked (sort, pad
                                           # groups to blocks, batched matmul) | xla (sort +
                                           # jax.lax.ragged_dot) | pallas (sort + kernels.grouped_matmul)
+                                          # | tokamax (sort + tokamax.ragged_dot; optional package)
                                           # | host (opt-in CPU float32 FFI call, kernels.host_moe)
   matmul_impl: str = "auto"               # the projections' matmuls: auto | xla (jnp.dot) | host (opt-in
                                           # CPU float32 FFI call with its VJP, kernels.host_matmul)

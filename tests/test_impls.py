@@ -56,6 +56,8 @@ def test_expert_parallel_mesh_picks_grouped_matmuls(cfg):
     (dict(attention_impl="pallas"), "tpu", None, r"ModelConfig.attention_impl='pallas' needs a GPU"),
     (dict(moe_impl="pallas", pallas_interpret=False), "cpu", None,
      r"ModelConfig.moe_impl='pallas' runs on CPU only in interpret mode"),
+    (dict(moe_impl="tokamax", precision="fp8"), "cuda", None,
+     r"ModelConfig.moe_impl='tokamax' runs tokamax's ragged_dot in the compute dtype"),
 ])
 def test_unsupported_combinations_name_the_field_and_value(cfg, changes, backend, dtype, match):
   with pytest.raises(ValueError, match=match):
@@ -80,3 +82,13 @@ def test_the_default_path_loads_no_host_kernel():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split("\n")[-2] == "[]"
+
+
+def test_tokamax_is_chosen_only_where_it_is_installed(cfg):
+  from deepseek_jax.ops import tokamax_ragged_dot  # pylint: disable=g-import-not-at-top
+  tok = cfg.replace(moe_impl="tokamax")
+  if tokamax_ragged_dot.available():
+    assert impls.resolve(tok, backend="cuda").moe == "tokamax"
+  else:
+    with pytest.raises(ValueError, match=r"ModelConfig.moe_impl='tokamax' needs the tokamax package"):
+      impls.resolve(tok, backend="cuda")

@@ -1,4 +1,5 @@
-"""The package's layers: kernels -> ops -> layers -> model -> {interop, training, inference, analysis}, with
+"""The package's layers: kernels -> ops -> layers -> model -> {interop, training, inference, analysis} ->
+posttrain, with
 config, sharding, data (and the process helpers) below whatever uses them.  Every import of `deepseek_jax/`
 and `kernels/`, at module level or inside a function, goes down or sideways, never up, and no modules
 import each other in a circle."""
@@ -19,6 +20,7 @@ RANKS = (
     ("deepseek_jax.model", 4),
     ("deepseek_jax.interop", 5), ("deepseek_jax.training", 5), ("deepseek_jax.inference", 5),
     ("deepseek_jax.analysis", 5),
+    ("deepseek_jax.posttrain", 6),   # SFT / GRPO on top of training and inference
 )
 
 

@@ -21,7 +21,7 @@ from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.router import Router
 from deepseek_jax.ops import expert_parallel, fp8_experts, moe_dispatch
 
-IMPLS = ("dense", "blocked", "xla", "pallas", "host")
+IMPLS = ("dense", "blocked", "xla", "pallas", "tokamax", "host")
 
 
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", precision: str = "fp32",
@@ -32,7 +32,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", 
     x: [T, D] tokens in the compute dtype.
     idx, weights: [T, K] expert ids and gate weights from the router.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    impl: a concrete `ModelConfig.moe_impl` ('dense' | 'blocked' | 'xla' | 'pallas' | 'host';
+    impl: a concrete `ModelConfig.moe_impl` ('dense' | 'blocked' | 'xla' | 'pallas' | 'tokamax' | 'host';
       `deepseek_jax.ops.impls` resolves 'auto'); under a mesh with an 'expert' axis of size > 1 the experts
       are split over it and impl ('xla' | 'pallas') is the grouped matmul of each device's rows.
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands.
@@ -44,9 +44,9 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", 
   if fp8 and impl == "host":
     raise ValueError("moe impl='host' runs float32 GEMMs; precision='fp8' needs another impl")
   if expert_parallel.expert_parallel_size() > 1:
-    if impl not in ("xla", "pallas"):
+    if impl not in ("xla", "pallas", "tokamax"):
       raise ValueError(f"moe impl={impl!r} runs one device's experts; split over the 'expert' mesh axis "
-                       "they need 'xla' or 'pallas'")
+                       "they need 'xla', 'pallas' or 'tokamax'")
     ffn = fp8_experts.fp8_grouped_swiglu if fp8 else moe_dispatch.grouped_swiglu
     return expert_parallel.expert_parallel_experts(
         x, idx, weights, w_gate, w_up, w_down, check_vma=impl != "pallas",

@@ -30,7 +30,7 @@ _log = logging.getLogger(__name__)
 GPU = {
     "attention": "pallas",   # kernels.mla_attention (flash attention)
     "decode": "pallas",      # kernels.mla_decode
-    "moe": "xla",            # jax.lax.ragged_dot; the Pallas gmm (kernels.grouped_matmul) does not compile for CUDA
+    "moe": "pallas",         # kernels.grouped_matmul.gmm: compiles for sm_90a; XLA:GPU expands ragged_dot densely
     "matmul": "xla",         # jnp.dot
 }
 # What 'auto' is on every other backend (CPU, TPU): the XLA / jnp path.
@@ -41,7 +41,7 @@ XLA = {
     "matmul": "xla",         # jnp.dot
 }
 # The experts split over the 'expert' mesh axis run expert-sorted rows through grouped matmuls.
-EXPERT_PARALLEL_MOE = ("xla", "pallas")
+EXPERT_PARALLEL_MOE = ("xla", "pallas", "tokamax")
 
 _FIELDS = {"attention": "attention_impl", "decode": "decode_impl", "moe": "moe_impl", "matmul": "matmul_impl"}
 _GPU_NAMES = ("gpu", "cuda", "rocm")
@@ -135,6 +135,13 @@ def _resolve(cfg: ModelConfig, backend: str, devices: int, ep: int, dtype: str) 
       raise bad(op, f"needs float32 on one CPU device; got {dtype} on {devices} {backend} device(s)")
     if op == "moe" and cfg.precision == "fp8":
       raise bad(op, "runs float32 GEMMs; precision='fp8' needs 'blocked', 'dense', 'xla' or 'pallas'")
+  if chosen["moe"] == "tokamax":
+    if cfg.precision == "fp8":
+      raise bad("moe", "runs tokamax's ragged_dot in the compute dtype; precision='fp8' needs 'blocked', "
+                       "'dense', 'xla' or 'pallas'")
+    from deepseek_jax.ops import tokamax_ragged_dot  # pylint: disable=g-import-not-at-top
+    if not tokamax_ragged_dot.available():
+      raise bad("moe", "needs the tokamax package (pip install tokamax), which is not installed")
   if ep > 1 and chosen["moe"] not in EXPERT_PARALLEL_MOE:
     raise bad("moe", f"runs one device's experts; with the experts split over the 'expert' mesh axis ({ep}) "
                      f"use one of {EXPERT_PARALLEL_MOE}")
