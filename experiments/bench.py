@@ -71,7 +71,7 @@ flags.DEFINE_string("profile", "", "Train suite: also profile our step into this
                     "trace, the optimized HLO, ops.json) and print where its time goes.")
 flags.DEFINE_float("moe_imbalance", 0.0, "MoE suite: also time every case with the routing skewed to this "
                    "max / mean expert load, e.g. 1.6 (0: only the balanced random routing).")
-flags.DEFINE_bool("retain_freed_memory", True, "Keep freed host memory for reuse (glibc; "
+flags.DEFINE_bool("retain_freed_memory", False, "CPU only: keep freed host memory for reuse (glibc; "
                   "deepseek_jax.host_memory), set before JAX starts: every contender in the run gains alike.")
 FLAGS = flags.FLAGS
 
