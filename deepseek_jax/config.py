@@ -24,7 +24,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields of ModelConfig that are implementation choices, not part of an HF config.json.
 NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
                            "attention_impl", "moe_impl", "matmul_impl",
-                           "remat_policy", "scan_layers"})
+                           "remat_policy", "scan_layers", "moe_capacity_factor"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +148,11 @@ class ModelConfig:
                                           # device, else xla) | xla (jnp.dot) | host (the product and its
                                           # VJP's two products as BLAS calls in an FFI call, CPU float32;
                                           # kernels.host_matmul). FP8-recipe layers use the FP8 GEMM.
+  moe_capacity_factor: Optional[float] = None  # expert-parallel dispatch only (an 'expert' mesh axis > 1):
+                                          # rows each device may send each other device per MoE layer, as a
+                                          # multiple of the balanced share T_local x K / ep; rows past it are
+                                          # dropped. None: dropless, buffers sized for the worst case
+                                          # ep x T_local x min(K, E / ep) rows (ops.expert_parallel)
   remat_policy: str = "none"              # activation checkpointing of each block (jax.checkpoint policy)
   scan_layers: bool = False               # each run of identical blocks as one nn.scan: parameters stacked
                                           # [layers, ...] under 'layers_{a}_to_{b}' (model.layer_runs), one
@@ -211,6 +216,9 @@ class ModelConfig:
     if self.first_k_dense_replace > self.num_hidden_layers:
       raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} exceeds "
                        f"num_hidden_layers={self.num_hidden_layers}")
+    cf = self.moe_capacity_factor
+    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf < math.inf):
+      raise ValueError(f"moe_capacity_factor={cf!r} must be a positive finite number or None")
     for name in ["fp8_weights", "scan_layers"]:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")

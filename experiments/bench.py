@@ -17,6 +17,7 @@ SUITES = {
     "moe": "experiments.benchmarks.moe",
     "compile": "experiments.benchmarks.compile",
     "decode": "experiments.benchmarks.decode",
+    "scale": "experiments.benchmarks.scale",
 }
 
 flags.DEFINE_enum("suite", "kernels", sorted(SUITES), "Benchmark suite to run.")
@@ -40,6 +41,8 @@ flags.DEFINE_string("ablate", "", "Train suite: also time our step with these pa
 flags.DEFINE_string("impls", "", "Train suite: also time our step with each of these implementation choices "
                     "(ModelConfig.attention_impl / moe_impl / matmul_impl), e.g. 'matmul_impl=xla,moe_impl=blocked'.")
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
+flags.DEFINE_string("mesh", "", "Scale suite: mesh of the compiled step, e.g. 'fsdp:16,expert:64,tensor:2' "
+                    "(default: experiments/configs/v3.py's).")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")
 flags.DEFINE_string("profile", "", "Train suite: also profile our step into this directory (the jax profiler "

@@ -36,7 +36,7 @@ class RoutedExperts(nn.Module):
       w_up = param(self, "up_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
       w_down = param(self, "down_proj", init, (e, f, d), ("expert", "moe_mlp", "embed"), pd).astype(dtype)
     return routed_experts(x.astype(dtype), idx, weights, w_gate, w_up, w_down, impl=cfg.moe_impl,
-                          precision=cfg.precision)
+                          precision=cfg.precision, capacity_factor=cfg.moe_capacity_factor)
 
 
 class MoE(nn.Module):

@@ -292,7 +292,8 @@ def resolved_impl(impl: str, *dtypes) -> str:
   return "pallas" if on_gpu() else cpu_default_impl(*dtypes)
 
 
-def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32"):
+def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto", precision: str = "fp32",
+                   capacity_factor=None):
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
   Under a mesh with an 'expert' axis of size > 1 the experts are split over it
@@ -306,11 +307,13 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "auto",
       'pallas' on GPU and 'host' or 'blocked' on CPU (`resolved_impl`).
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands
       (`deepseek_jax.layers.fp8_experts`).
+    capacity_factor: `ModelConfig.moe_capacity_factor`, for the expert-parallel dispatch (None: dropless);
+      without an expert axis nothing is dropped.
   """
   from deepseek_jax.ops import expert_parallel  # pylint: disable=g-import-not-at-top
   if expert_parallel.expert_parallel_size() > 1:  # experts split over the ambient mesh's 'expert' axis
     return expert_parallel.expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl,
-                                                   precision=precision)
+                                                   precision=precision, capacity_factor=capacity_factor)
   if precision == "fp8":
     from deepseek_jax.layers.fp8_experts import fp8_experts  # pylint: disable=g-import-not-at-top
     return fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl)

@@ -18,7 +18,14 @@ def get_config():
   c.batch_ramp.enabled = True
   c.optimizer.lr = 2.2e-4
   c.optimizer.mu_dtype = "bfloat16"
-  c.mesh.data = -1
+  c.model.scan_layers = True
+  c.model.remat_policy = "full"
+  c.model.moe_capacity_factor = 2.0
+  c.grad_accum = 15
+  c.batch_ramp.enabled = False
+  c.mesh.data = 1
+  c.mesh.fsdp = 16
+  c.mesh.tensor = 2
   c.mesh.expert = 64                          # 64-way expert parallelism over 8 nodes (section 3.1)
   c.log_every = 100
   c.checkpoint_every = 1000
