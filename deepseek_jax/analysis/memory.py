@@ -20,7 +20,8 @@ per token; fp32 where the model computes in fp32):
          the concatenated per-head q and k, the attention output; the softmax statistics (XLA: the chunked
          causal probabilities, fp32; 'pallas': the log-sum-exp only)
   MoE    norm input and output, router logits and scores (fp32), the tokens' K sorted rows, the R received
-         rows, gate / up / silu x up [3 R F / t], expert outputs R, the returned K rows, shared experts
+         rows, gate / up / silu x up [3 R F / t], expert outputs R, the returned K rows, shared experts; the
+         cotangents of the routed rows are fp32 (the gate weights are)
   dense  norm input and output, gate / up / silu x up [3 I / t], output
   MTP    the embedding, two norms and eh_proj's input [2 D], then an MoE block
 Rows per token R (routed rows a device holds per local token): expected K under balanced routing; what the
@@ -172,7 +173,8 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
     attention_impl: 'xla' (chunked causal probabilities kept) or 'pallas' (flash: log-sum-exp only).
   Returns:
     dict: act (compute-dtype elements), f32 (fp32 elements), dots and dots_f32 (the matmul outputs among
-    them, what the 'dots' policies keep).
+    them, what the 'dots' policies keep), routed_rows (elements whose cotangents are fp32 whatever the
+    compute dtype).
   """
   from deepseek_jax.ops.attention import _chunks  # pylint: disable=g-import-not-at-top
   d, h, t = cfg.hidden_size, cfg.num_attention_heads, max(1, tensor)
@@ -190,7 +192,7 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
     chunks = _chunks(seq_len)
     keys = sum((b - a) * b for a, b in chunks) / seq_len          # mean keys scored per query
     att32, att32_dots = ht * keys + ht * dv, ht * keys
-  out = dict(act=att, f32=att32, dots=att_dots, dots_f32=att32_dots)
+  out = dict(act=att, f32=att32, dots=att_dots, dots_f32=att32_dots, routed_rows=0.0)
   if kind == "dense":
     i = cfg.intermediate_size / t
     out["act"] += 2 * d + 3 * i + d
@@ -205,6 +207,9 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
     out["f32"] += 2 * e
     out["dots"] += (2 * fs + d if cfg.n_shared_experts else 0)
     out["dots_f32"] += e
+    # Rows of D whose cotangents are fp32: the gate weights are fp32, so the combine's gradient is, and it
+    # flows back as fp32 through the returned rows, the expert outputs and the dispatch buffers.
+    out["routed_rows"] = 2 * k * d + 3 * rows * d
     if kind == "mtp":
       out["act"] += 2 * d + 2 * d
   return out
@@ -313,8 +318,9 @@ def memory_plan(cfg: ModelConfig, mesh_sizes: Mapping[str, int], *, batch_size: 
       keep32 = r["dots_f32"] if policy == "dots" else 0.0
       saved += n * (cfg.hidden_size * ab + r["dots"] * ab + keep32 * 4)
   # One block's backward: its residuals (recomputed unless all were kept) plus their cotangents.
-  worst = max((k for k, n in kinds.items() if n), key=lambda k: res_bytes[k])
-  layer_ws = tokens * 2 * res_bytes[worst] + gathered_layer
+  cot_bytes = {k: res_bytes[k] + res[k]["routed_rows"] * (4 - ab) for k in kinds}
+  worst = max((k for k, n in kinds.items() if n), key=lambda k: res_bytes[k] + cot_bytes[k])
+  layer_ws = tokens * (res_bytes[worst] + cot_bytes[worst]) + gathered_layer
   v = cfg.vocab_size / t
   head_ws = tokens * (1 + cfg.num_nextn_predict_layers) * 2 * v * 4 + gathered_head
   saved *= tokens
@@ -362,6 +368,7 @@ def communication_plan(cfg: ModelConfig, plan: dict, *, gpu, gpus_per_node: int 
     fsdp reduce-scatter  its gradient, per microbatch, in the parameter dtype
     grad all-reduce   parameters replicated over token axes other than fsdp (data, and expert for the
                       non-expert weights) all-reduce their gradient over them once per microbatch
+    tensor all-reduce the row-parallel products' partial sums [T, D], in the compute dtype
     expert all-to-all each MoE block sends its tokens' routed rows to the experts and back, in the compute
                       dtype; (ep - 1) / ep of the expected T x K rows leave the device; forward, backward of
                       both exchanges, and the forward again under 'full' remat
@@ -431,6 +438,15 @@ def communication_plan(cfg: ModelConfig, plan: dict, *, gpu, gpus_per_node: int 
   add("fsdp reduce-scatter (grads)", "fsdp", accum * scatter)
   for a, v in reduce.items():
     add(f"{a} all-reduce (grads of replicated params)", a, accum * v)
+  t = sizes["tensor"]
+  if t > 1:
+    # Partial sums of the row-parallel products (o_proj, the MLPs' down projections, the experts' combine)
+    # all-reduced over 'tensor': two per block forward, two in the backward, two more rerun under 'full'.
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    passes = 4 + (2 if cfg.remat_policy == "full" else 0)
+    size = plan["tokens_per_device"] * cfg.hidden_size * _bytes(cfg.dtype)
+    add(f"tensor all-reduce (activations, {passes} per block)", "tensor",
+        accum * blocks * passes * 2 * (t - 1) / t * size)
   ep = sizes["expert"] if "expert" in plan["token_axes"] else 1
   if cfg.n_routed_experts and ep > 1:
     n_moe = cfg.num_moe_layers + cfg.num_nextn_predict_layers

@@ -48,7 +48,9 @@ class MoE(nn.Module):
     """x [B, S, D] -> (y [B, S, D], router statistics)."""
     cfg = self.cfg
     b, s, d = x.shape
-    flat = x.reshape(b * s, d)
+    # Tokens stay split as the batch is: left to itself, XLA's partitioner may route every token of the
+    # global batch on every device (the gate's D is split over 'fsdp').
+    flat = nn.with_logical_constraint(x.reshape(b * s, d), ("activation_batch", "activation_embed"))
     idx, weights, stats = Router(cfg, name="gate")(flat, b)
     y = RoutedExperts(cfg, name="experts")(flat, idx, weights).reshape(b, s, d)
     if cfg.n_shared_experts:

@@ -36,7 +36,11 @@ def _v3_case() -> dict:
   from experiments.configs import v3  # pylint: disable=g-import-not-at-top
   c = v3.get_config()
   mesh = {k: int(v) for k, v in c.mesh.items()}
-  return dict(preset="deepseek-v3", overrides=dict(c.model.to_dict()), precision=c.precision,
+  overrides = {k: v for k, v in c.model.to_dict().items() if v is not None}
+  # The kernels the GPU runs ('auto' there), here in Pallas interpret mode: XLA:CPU's ragged_dot would
+  # compute every local expert on every received row, and the XLA attention keeps its probabilities.
+  overrides.update(moe_impl="pallas", attention_impl="pallas")
+  return dict(preset="deepseek-v3", overrides=overrides, precision=c.precision,
               mesh=mesh, batch=int(c.batch_size), grad_accum=int(c.grad_accum), seq_len=int(c.seq_len),
               moment_dtype=c.optimizer.mu_dtype)
 
@@ -51,7 +55,8 @@ def cases(flags) -> list[dict]:
     base["overrides"].update(num_hidden_layers=8, n_routed_experts=16)
   preset = getattr(flags, "preset", "") or ""
   if preset and preset != base["preset"]:
-    base.update(preset=preset, overrides={"scan_layers": True, "remat_policy": "full"})
+    base.update(preset=preset, overrides={"scan_layers": True, "remat_policy": "full", "moe_impl": "pallas",
+                                          "attention_impl": "pallas"})
   if getattr(flags, "mesh", ""):
     base["mesh"] = dict(dict(data=1, fsdp=1, expert=1, tensor=1), **parse_mesh(flags.mesh))
   if getattr(flags, "batch", 0):
@@ -149,7 +154,7 @@ def plan_case(case: dict) -> dict:
   cfg = model_config_of(case)
   return memory.memory_plan(cfg, case["mesh"], batch_size=case["batch"], seq_len=case["seq_len"],
                             grad_accum=case["grad_accum"], moment_dtype=case["moment_dtype"],
-                            attention_impl="xla")
+                            attention_impl="pallas" if cfg.attention_impl == "pallas" else "xla")
 
 
 def _child(case: dict, timeout: float) -> dict:

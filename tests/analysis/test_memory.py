@@ -15,18 +15,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from experiments.benchmarks import scale  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# V3's structure (MLA with q_lora, 1 dense + 3 MoE blocks, sigmoid group-limited routing, MTP) at small widths.
-V3_SCALED = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+# V3's structure (MLA with q_lora, 1 dense + 2 MoE blocks, sigmoid group-limited routing, MTP) at small widths.
+V3_SCALED = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                  first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
                  moe_intermediate_size=128, max_position_embeddings=4096)
-COMMON = dict(scan_layers=True, remat_policy="full", moe_capacity_factor=2.0)
+# The GPU's grouped matmul (Pallas, interpret mode here: XLA:CPU's ragged_dot would compute every local expert
+# on every row) and the XLA attention (whose kept probabilities the plan counts).
+COMMON = dict(scan_layers=True, remat_policy="full", moe_capacity_factor=2.0, moe_impl="pallas",
+              attention_impl="xla")
 CASES = {
-    "small": dict(preset="small", overrides=dict(COMMON), precision="bf16",
-                  mesh=dict(data=1, fsdp=2, expert=4, tensor=1), batch=16, grad_accum=2, seq_len=512,
+    "small": dict(preset="small", overrides=dict(COMMON, num_hidden_layers=3), precision="bf16",
+                  mesh=dict(data=1, fsdp=2, expert=4, tensor=1), batch=16, grad_accum=2, seq_len=256,
                   moment_dtype="bfloat16"),
     "v3_scaled": dict(preset="deepseek-v3", overrides=dict(V3_SCALED, **COMMON), precision="bf16",
-                      mesh=dict(data=1, fsdp=2, expert=4, tensor=1), batch=8, grad_accum=1, seq_len=1024,
+                      mesh=dict(data=1, fsdp=2, expert=2, tensor=2), batch=8, grad_accum=1, seq_len=512,
                       moment_dtype="bfloat16"),
 }
 
