@@ -89,7 +89,8 @@ def model_config_of(case: dict):
 
 
 def compile_case(case: dict) -> dict:
-  """Lowers and compiles the case's train step on this process's devices; per-device bytes and times."""
+  """Lowers and compiles the case's train step on this process's devices; per-device bytes and times (with
+  `case['compile']` False: only the abstract train state's per-device bytes)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from deepseek_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -109,6 +110,8 @@ def compile_case(case: dict) -> dict:
   with sharding.use_mesh(mesh):
     state, tx, shardings = init_state(model, tx_factory, jax.random.PRNGKey(0), case["seq_len"], sharding_fn,
                                       abstract_only=True)
+    if not case.get("compile", True):
+      return {"devices": int(mesh.size), "state": state_bytes(state)}
     step = make_train_step(model, tx, Schedules(steps=1000), alpha=1e-4, grad_accum=case["grad_accum"],
                            state_sharding=shardings, batch_sharding=batch_sharding)
     tokens = jax.ShapeDtypeStruct((case["batch"], case["seq_len"]), jnp.int32, sharding=batch_sharding)
