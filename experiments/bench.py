@@ -26,7 +26,8 @@ flags.DEFINE_bool("small", False, "Small shapes (the default on CPU).")
 flags.DEFINE_integer("runs", 0, "Timed runs per case (0: the suite's default).")
 flags.DEFINE_string("preset", "", "Model for the train and decode suites: a preset name or "
                     "'bench-6.5m' (default).")
-flags.DEFINE_string("dtype", "", "Train suite: compute dtype of our model (default: the preset's).")
+flags.DEFINE_string("dtype", "", "Train suite: compute dtype of our model (default: the preset's); scale suite: "
+                    "the precision recipes compiled (default 'bf16,fp8').")
 flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the suite's default; train 8, decode 4).")
 flags.DEFINE_integer("seq_len", 0, "Train suite: sequence length (0: 256); decode suite: cache length "
                      "(0: 4096).")

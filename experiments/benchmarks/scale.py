@@ -14,8 +14,8 @@ Each case compiles in a child process (the host device count is fixed when XLA s
     python -m experiments.bench --suite=scale --small             # V3 widths at 8 layers on 8 devices
     python -m experiments.bench --suite=scale --preset=small --mesh=fsdp:2,expert:4 --batch=8 --seq_len=512
 
-(`--preset`, `--mesh`, `--batch` (sequences per step), `--seq_len`, `--remat` override the case; `--dtype`
-picks the recipes compiled, e.g. 'bf16,fp8'.)
+(`--preset`, `--mesh`, `--batch` (sequences of one step, without accumulation), `--seq_len`, `--remat`
+override the case; `--dtype` picks the recipes compiled, e.g. 'bf16,fp8'.)
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def cases(flags) -> list[dict]:
   if getattr(flags, "mesh", ""):
     base["mesh"] = dict(dict(data=1, fsdp=1, expert=1, tensor=1), **parse_mesh(flags.mesh))
   if getattr(flags, "batch", 0):
-    base["batch"] = int(flags.batch)
+    base.update(batch=int(flags.batch), grad_accum=1)   # --batch is one microbatch
   if getattr(flags, "seq_len", 0):
     base["seq_len"] = int(flags.seq_len)
   if getattr(flags, "remat", ""):
