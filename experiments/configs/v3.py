@@ -26,11 +26,11 @@ def get_config():
   c.model.scan_layers = True
   c.model.remat_policy = "full"
   c.model.moe_capacity_factor = 2.0
-  c.grad_accum = 15                           # microbatches of 1,024 sequences: one per fsdp x expert device
+  c.grad_accum = 30                           # microbatches of 512 sequences: one per fsdp x expert device
   c.batch_ramp.enabled = False
   c.mesh.data = 1
-  c.mesh.fsdp = 16
-  c.mesh.tensor = 2
+  c.mesh.fsdp = 8
+  c.mesh.tensor = 4
   c.mesh.expert = 64                          # 64-way expert parallelism (section 3.1)
   c.log_every = 100
   c.checkpoint_every = 1000
