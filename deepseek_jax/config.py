@@ -27,7 +27,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Fields of ModelConfig that are implementation choices, not part of an HF config.json.
 NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "precision", "fp8_weights", "fp8_weight_block",
                            "attention_impl", "decode_impl", "moe_impl", "matmul_impl", "pallas_interpret",
-                           "remat_policy", "scan_layers"})
+                           "remat_policy", "scan_layers", "moe_capacity_factor"})
 # Upper bounds on the sizes a config.json may declare (`from_hf`): far above every released DeepSeek model
 # (V3: 61 layers, width 7168, vocabulary 129280, 256 experts), low enough that a hostile file cannot make the
 # loader build name tables or shapes of absurd size.
@@ -199,6 +199,11 @@ class ModelConfig:
   matmul_impl: str = "auto"               # the projections' matmuls: auto | xla (jnp.dot) | host (opt-in
                                           # CPU float32 FFI call with its VJP, kernels.host_matmul)
   pallas_interpret: Optional[bool] = None  # Pallas kernels in interpret mode (None: on CPU only)
+  moe_capacity_factor: Optional[float] = None  # expert-parallel dispatch only (an 'expert' mesh axis > 1):
+                                          # rows each device may send each other device per MoE layer, as a
+                                          # multiple of the balanced share T_local x K / ep; rows past it are
+                                          # dropped. None: dropless, buffers sized for the worst case
+                                          # ep x T_local x min(K, E / ep) rows (ops.expert_parallel)
   remat_policy: str = "none"              # activation checkpointing of each block (jax.checkpoint policy)
   scan_layers: bool = False               # each run of identical blocks as one nn.scan: parameters stacked
                                           # [layers, ...] under 'layers_{a}_to_{b}' (model.layer_runs), one
@@ -265,6 +270,9 @@ class ModelConfig:
     if self.first_k_dense_replace > self.num_hidden_layers:
       raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} exceeds "
                        f"num_hidden_layers={self.num_hidden_layers}")
+    cf = self.moe_capacity_factor
+    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf < math.inf):
+      raise ValueError(f"moe_capacity_factor={cf!r} must be a positive finite number or None")
     for name in ["fp8_weights", "scan_layers"]:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")

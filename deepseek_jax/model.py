@@ -192,6 +192,17 @@ class DeepSeekV3(nn.Module):
       logits = self.lm_head(h)
     return logits.astype(jnp.float32)
 
+  def embed(self, tokens):
+    """Embeddings [B, S, D] of int tokens, in the compute dtype.
+
+    The table is gathered whole along 'embed' first (it stays split over 'vocab'): looked up while split over
+    'fsdp' along D, the result [B, S, D / fsdp] could reach the batch-split activation layout only through a
+    full replication of [B, S, D] on every device, which XLA's partitioner falls back to.
+    """
+    table = self.embed_tokens.embedding.astype(dtype_of(self.cfg.dtype))
+    table = nn.with_logical_constraint(table, ("vocab", None))
+    return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ACT)
+
   def _positions(self, tokens, positions, cache_start):
     if positions is not None:
       return positions.astype(jnp.int32)
@@ -205,7 +216,7 @@ class DeepSeekV3(nn.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be int [batch, seq], got shape {tokens.shape}")
     positions = self._positions(tokens, positions, cache_start)
-    x = nn.with_logical_constraint(self.embed_tokens(tokens), ACT)
+    x = self.embed(tokens)
     stats, new_cache = [], []
     if cfg.scan_layers:
       # Caches of a run stacked along the scanned axis ({run name: stacked}); a per-layer tuple is stacked
@@ -242,7 +253,7 @@ class DeepSeekV3(nn.Module):
     """MTP depth k (1-based): h_prev [B,S,D] (h^{k-1}), next_tokens [B,S] = t_{i+k}.
 
     Returns (h^k [B,S,D], logits [B,S,V], router stats, updated cache)."""
-    emb = nn.with_logical_constraint(self.embed_tokens(next_tokens), ACT)
+    emb = self.embed(next_tokens)
     h, h_normed, cache, stats = self.mtp[k - 1](h_prev, emb, positions, cache, cache_start, absorbed)
     return h, self.head(h_normed), stats, cache
 

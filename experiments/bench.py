@@ -23,6 +23,7 @@ SUITES = {
     "compile": "experiments.benchmarks.compile",
     "decode": "experiments.benchmarks.decode",
     "cuda_compile": "experiments.benchmarks.cuda_compile",
+    "scale": "experiments.benchmarks.scale",
 }
 
 
@@ -49,7 +50,8 @@ flags.DEFINE_bool("small", False, "Small shapes: kernels and moe suites (their d
 flags.DEFINE_integer("runs", 0, "Timed runs per case (0: the suite's default).")
 flags.DEFINE_string("preset", "", "Model of the train, decode and compile suites: a preset name or "
                     "'bench-6.5m' (default: train and decode 'bench-6.5m', compile 'deepseek-v3').")
-flags.DEFINE_string("dtype", "", "Train suite: compute dtype of our model (default: the preset's).")
+flags.DEFINE_string("dtype", "", "Train suite: compute dtype of our model (default: the preset's); scale suite: "
+                    "the precision recipes compiled (default 'bf16,fp8').")
 flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the suite's default; train 8, decode 4, "
                      "compile 1).")
 flags.DEFINE_integer("seq_len", 0, "Train and compile suites: sequence length (0: 256, compile 512); decode "
@@ -65,6 +67,8 @@ flags.DEFINE_string("ablate", "", "Train suite: also time our step with these pa
 flags.DEFINE_string("impls", "", "Train suite: also time our step with each of these implementation choices "
                     "(ModelConfig.attention_impl / moe_impl / matmul_impl), e.g. 'matmul_impl=xla,moe_impl=blocked'.")
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
+flags.DEFINE_string("mesh", "", "Scale suite: mesh of the compiled step, e.g. 'fsdp:16,expert:64,tensor:2' "
+                    "(default: experiments/configs/v3.py's).")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")
 flags.DEFINE_string("profile", "", "Train suite: also profile our step into this directory (the jax profiler "

@@ -25,6 +25,8 @@ class GPU:
     hbm_tb_s: HBM bandwidth, TB/s.
     nvlink_gb_s: NVLink bandwidth per GPU, GB/s, total of both directions.
     source: where the figures come from.
+    ib_gb_s: InfiniBand bandwidth per GPU and direction, GB/s (one 400 Gb/s ConnectX-7 NIC per GPU in the
+      vendors' reference nodes: 50 GB/s; the DeepSeek-V3 report, section 3.2.2, counts 50 GB/s too).
   """
   name: str
   bf16_tflops: float
@@ -33,6 +35,7 @@ class GPU:
   hbm_tb_s: float
   nvlink_gb_s: float
   source: str
+  ib_gb_s: float = 50.0
 
   def peak_flops(self, precision: str = "bf16") -> float:
     """Dense peak in FLOP/s for `precision` ("bf16" or "fp8")."""

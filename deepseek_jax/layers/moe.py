@@ -25,7 +25,7 @@ IMPLS = ("dense", "blocked", "xla", "pallas", "tokamax", "host")
 
 
 def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", precision: str = "fp32",
-                   interpret: bool | None = None):
+                   interpret: bool | None = None, capacity_factor: float | None = None):
   """The routed-experts output [T, D] for x [T, D], idx / weights [T, K], stacked expert weights.
 
   Args:
@@ -37,6 +37,8 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", 
       are split over it and impl ('xla' | 'pallas') is the grouped matmul of each device's rows.
     precision: `ModelConfig.precision`; 'fp8' runs the three GEMMs with E4M3 operands.
     interpret: the Pallas kernels' interpret mode (`ModelConfig.pallas_interpret`).
+    capacity_factor: `ModelConfig.moe_capacity_factor`, for the expert-parallel dispatch (None: dropless);
+      without an expert axis nothing is dropped.
   """
   if impl not in IMPLS:
     raise ValueError(f"moe impl={impl!r}: expected one of {IMPLS} (deepseek_jax.ops.impls resolves 'auto')")
@@ -49,7 +51,7 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", 
                        "they need 'xla', 'pallas' or 'tokamax'")
     ffn = fp8_experts.fp8_grouped_swiglu if fp8 else moe_dispatch.grouped_swiglu
     return expert_parallel.expert_parallel_experts(
-        x, idx, weights, w_gate, w_up, w_down, check_vma=impl != "pallas",
+        x, idx, weights, w_gate, w_up, w_down, check_vma=impl != "pallas", capacity_factor=capacity_factor,
         expert_ffn=functools.partial(ffn, impl=impl, interpret=interpret))
   if fp8:
     return fp8_experts.fp8_experts(x, idx, weights, w_gate, w_up, w_down, impl=impl, interpret=interpret)
@@ -82,7 +84,8 @@ class RoutedExperts(nn.Module):
       w_up = param(self, "up_proj", init, (e, d, f), ("expert", "embed", "moe_mlp"), pd).astype(dtype)
       w_down = param(self, "down_proj", init, (e, f, d), ("expert", "moe_mlp", "embed"), pd).astype(dtype)
     return routed_experts(x.astype(dtype), idx, weights, w_gate, w_up, w_down, impl=cfg.moe_impl,
-                          precision=cfg.precision, interpret=cfg.pallas_interpret)
+                          precision=cfg.precision, interpret=cfg.pallas_interpret,
+                          capacity_factor=cfg.moe_capacity_factor)
 
 
 class MoE(nn.Module):
@@ -94,7 +97,9 @@ class MoE(nn.Module):
     """x [B, S, D] -> (y [B, S, D], router statistics)."""
     cfg = self.cfg
     b, s, d = x.shape
-    flat = x.reshape(b * s, d)
+    # Tokens stay split as the batch is: left to itself, XLA's partitioner may route every token of the
+    # global batch on every device (the gate's D is split over 'fsdp').
+    flat = nn.with_logical_constraint(x.reshape(b * s, d), ("activation_batch", "activation_embed"))
     idx, weights, stats = Router(cfg, name="gate")(flat, b)
     y = RoutedExperts(cfg, name="experts")(flat, idx, weights).reshape(b, s, d)
     if cfg.n_shared_experts:

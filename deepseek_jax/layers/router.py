@@ -14,9 +14,12 @@ Steps (all in float32):
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import dtype_of, normal_init, param
@@ -56,6 +59,34 @@ def balance_statistics(cfg: ModelConfig, scores, idx, batch: int):
   return tokens_per_expert, jnp.mean(jnp.sum(f * p, axis=-1))
 
 
+def _per_token_shards(fn, scores, bias):
+  """fn(scores [T, E], bias) -> [T, K] arrays, run on each device's own tokens under a mesh.
+
+  XLA's partitioner gathers every token of the global batch onto every device before a top_k whose token
+  dim is split; the selection is per token, so each device selects for its own tokens in a shard_map over
+  the token axes (the 'activation_batch' rule's mesh axes that divide T).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh is None or getattr(mesh, "empty", False) or not mesh.axis_names or not rules:
+    return fn(scores, bias)
+  sizes = dict(mesh.shape)
+  axes, size = [], 1
+  for key, value in rules:
+    if key != "activation_batch" or value is None:
+      continue
+    for a in ((value,) if isinstance(value, str) else tuple(value)):
+      if sizes.get(a, 1) > 1 and scores.shape[0] % (size * sizes[a]) == 0:
+        axes.append(a)
+        size *= sizes[a]
+  if not axes:
+    return fn(scores, bias)
+  tok = P(axes[0] if len(axes) == 1 else tuple(axes), None)
+  if bias is None:
+    return jax.shard_map(lambda s: fn(s, None), mesh=mesh, in_specs=(tok,), out_specs=(tok, tok))(scores)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(tok, P()), out_specs=(tok, tok))(scores, bias)
+
+
 class Router(nn.Module):
   """The gate of one MoE layer.  Params: `kernel` [D, E]; state (collection 'router'):
   `e_score_correction_bias` [E] float32 for noaux_tc."""
@@ -70,6 +101,7 @@ class Router(nn.Module):
               dtype_of(cfg.param_dtype))
     logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
+    logits = nn.with_logical_constraint(logits, ("activation_batch", None))
     if cfg.scoring_func == "sigmoid":
       scores = jax.nn.sigmoid(logits)
     else:
@@ -81,7 +113,7 @@ class Router(nn.Module):
           nn.with_logical_partitioning(lambda: jnp.zeros((cfg.n_routed_experts,), jnp.float32),
                                        ("expert_gate",))).value
       bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
-    idx, weights = select_experts(cfg, scores, bias)
+    idx, weights = _per_token_shards(functools.partial(select_experts, cfg), scores, bias)
     idx, weights = self._replay_and_record(scores, idx, weights)
     tokens_per_expert, balance = balance_statistics(cfg, scores, idx, batch)
     return idx, weights, {"tokens_per_expert": tokens_per_expert, "balance_loss": balance}
