@@ -15,18 +15,16 @@ each device sends per step on each mesh axis and their time next to the compute 
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from deepseek_jax.analysis import cost, hardware, memory
 from deepseek_jax.config import ModelConfig
+from experiments import cli
 
 _PRESET = flags.DEFINE_string("preset", "deepseek-v3", "ModelConfig preset (ignored with --config).")
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.DEFINE_config_file(
     "config", None, "Experiment config file (get_config()); its model.preset and model.* define the model, "
     "and steps x batch_size x seq_len the default tokens.", lock_config=False)
 _FORMAT = flags.DEFINE_enum("format", "table", ["table", "json"], "Output format.")
@@ -230,8 +228,8 @@ def plans(cfg, seq_len, exp, gpu_name) -> Optional[dict]:
   tokens_axes = sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
   batch = _BATCH.value or (int(exp.batch_size) if exp is not None and exp.get("batch_size")
                            else tokens_axes * accum)
-  moments = _MOMENT_DTYPE.value or (exp.optimizer.mu_dtype if exp is not None and "optimizer" in exp
-                                    else "float32")
+  moments = _MOMENT_DTYPE.value or (exp.optimizer.get("mu_dtype", "float32") if exp is not None
+                                    and "optimizer" in exp else "float32")
   gpu = hardware.get_gpu(gpu_name)
   plan = memory.memory_plan(cfg, sizes, batch_size=batch, seq_len=seq_len, grad_accum=accum,
                             moment_dtype=moments, zero1_axes=("data",) if _ZERO1.value else (),
@@ -243,15 +241,9 @@ def plans(cfg, seq_len, exp, gpu_name) -> Optional[dict]:
   return {"memory": plan, "communication": comm}
 
 
-def fail(message: str) -> None:
-  """One line on stderr, exit status 2."""
-  print(f"costs: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    fail(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   from deepseek_jax.training.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     cfg, tokens, seq_len, exp = _run_settings()
@@ -261,7 +253,7 @@ def main(argv):
                               causal=_CAUSAL.value)
     extra = plans(cfg, seq_len, exp, _GPU.value)
   except (CostsError, UserError, ValueError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   if extra:
     report.update(extra)
   if _FORMAT.value == "json":
@@ -274,4 +266,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

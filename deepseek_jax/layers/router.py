@@ -122,7 +122,8 @@ class Router(nn.Module):
   # Collection 'replay' (input, read-only): `experts` int [.., K] (and optionally `weights` [.., K]) per
   # token of this call, routing it exactly so; without `weights` the gate weights are those of the current
   # scores at the replayed experts (the router keeps its gradient).  Collection 'routing' (output, when
-  # mutable): the `experts` [T, K] and `weights` [T, K] this call used.
+  # mutable, never at init, so `init` makes no such collection): the `experts` [T, K] and `weights` [T, K]
+  # this call used.
   def _replay_and_record(self, scores, idx, weights):
     cfg = self.cfg
     k = cfg.num_experts_per_tok
@@ -132,7 +133,7 @@ class Router(nn.Module):
         weights = self.get_variable("replay", "weights").reshape(-1, k).astype(jnp.float32)
       else:
         weights = gate_weights(cfg, scores, idx)
-    if self.is_mutable_collection("routing"):
+    if self.is_mutable_collection("routing") and not self.is_initializing():
       self.put_variable("routing", "experts", idx)
       self.put_variable("routing", "weights", weights)
     return idx, weights
