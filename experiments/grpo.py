@@ -8,15 +8,17 @@ tensorboard/ and checkpoints/; the same --workdir resumes exactly.  Mistakes in 
 reward function end with a one-line message and exit status 2.
 """
 
-import sys
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/grpo_tiny.py",
-                                          "experiment config file (a get_config() module)")
+from experiments import cli
+
+_CONFIG = cli.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "grpo_tiny.py"),
+    "experiment config file (a get_config() module)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, sft/)")
 
 
@@ -24,15 +26,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from deepseek_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.retain_freed_memory()
   from deepseek_jax.posttrain import run_grpo  # pylint: disable=g-import-not-at-top
-  from deepseek_jax.training import UserError  # pylint: disable=g-import-not-at-top
-  try:
-    s = run_grpo(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  s = run_grpo(_CONFIG.value, _WORKDIR.value)
   fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
   if s["sft"] is not None:
     print(f"sft: step {s['sft']['step']}, loss {fmt(s['sft']['first_loss'])} -> {fmt(s['sft']['last_loss'])}, "
@@ -44,4 +39,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

@@ -7,15 +7,17 @@ FILE.jsonl holds {'prompt', 'response'} or {'messages': [{'role', 'content'}, ..
 task's worked solutions are the data.  The same --workdir resumes; mistakes end with one line and exit 2.
 """
 
-import sys
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/sft_tiny.py",
-                                          "experiment config file (a get_config() module)")
+from experiments import cli
+
+_CONFIG = cli.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sft_tiny.py"),
+    "experiment config file (a get_config() module)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, tokenizer)")
 
 
@@ -23,15 +25,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from deepseek_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.retain_freed_memory()
   from deepseek_jax.posttrain import run_sft  # pylint: disable=g-import-not-at-top
-  from deepseek_jax.training import UserError  # pylint: disable=g-import-not-at-top
-  try:
-    s = run_sft(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  s = run_sft(_CONFIG.value, _WORKDIR.value)
   acc = "" if s["eval_accuracy"] is None else f", held-out accuracy {s['eval_accuracy']:.3f}"
   loss = "" if s["first_loss"] is None else f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
   print(f"done: step {s['step']}{loss}{acc}, {s['wall_s']:.1f} s")
@@ -39,4 +34,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

@@ -11,8 +11,6 @@ row, so this is what guarantees that no token ever attends to another example.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Sequence
 
 import jax
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deepseek_jax.data import jsonl
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.training import balance as balance_lib
 from deepseek_jax.training.losses import cross_entropy
@@ -31,29 +30,14 @@ def load_examples(path: str) -> list[dict]:
   Raises:
     ValueError: missing file, no examples, or a line that is neither kind (named by line number).
   """
-  if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such file")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-      ok = isinstance(rec, dict) and (
-          (isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str))
-          or (isinstance(rec.get("messages"), list) and all(
-              isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-              for m in rec["messages"])))
-      if not ok:
-        raise ValueError(f"{path}:{i}: expected {{'prompt', 'response'}} strings or 'messages' "
-                         "[{'role', 'content'}, ...]")
-      out.append(rec)
-  if not out:
-    raise ValueError(f"{path}: no examples")
-  return out
+  def valid(rec):
+    return isinstance(rec, dict) and (
+        (isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str))
+        or (isinstance(rec.get("messages"), list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in rec["messages"])))
+  return jsonl.read_records(path, valid=valid, what="examples",
+                            expected="{'prompt', 'response'} strings or 'messages' [{'role', 'content'}, ...]")
 
 
 def render_chat(messages: Sequence[dict]) -> list[tuple[str, bool]]:

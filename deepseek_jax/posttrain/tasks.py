@@ -9,12 +9,12 @@ problem belongs to one split by a stable hash of its numbers, so held-out proble
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import zlib
 from typing import Sequence
 
 import numpy as np
+
+from deepseek_jax.data import jsonl
 
 SPLITS = ("train", "eval")
 
@@ -110,20 +110,7 @@ def load_problems(path: str) -> list[Problem]:
   Raises:
     ValueError: missing file, no problems, or a line without a string 'prompt' / 'answer' (named by number).
   """
-  if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such file")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-      if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or "answer" not in rec:
-        raise ValueError(f"{path}:{i}: expected an object with a string 'prompt' and an 'answer'")
-      out.append(Problem(rec["prompt"], str(rec["answer"]), str(rec.get("solution", ""))))
-  if not out:
-    raise ValueError(f"{path}: no problems")
-  return out
+  recs = jsonl.read_records(
+      path, valid=lambda r: isinstance(r, dict) and isinstance(r.get("prompt"), str) and "answer" in r,
+      expected="an object with a string 'prompt' and an 'answer'", what="problems")
+  return [Problem(r["prompt"], str(r["answer"]), str(r.get("solution", ""))) for r in recs]
