@@ -5,6 +5,9 @@
   The checkpoint does not record the ModelConfig, so it comes from the experiment config the run was
   trained with, or from an HF-style DIR/config.json when one is there.  Only the model variables
   ({'params', 'router'}) are kept from the train state; they are checked against the model's own shapes.
+  A step is read only after its files match its checksums.json (`deepseek_jax.training.verify_step`; steps
+  of runs that wrote none are read as they are); the default is the newest step that verifies, and nothing in
+  the workdir is renamed or written.
 - HF checkpoint: `deepseek_jax.interop.hf.load`; the tokenizer saved beside it, if any.
 - The project's model checkpoint (`deepseek_jax.interop.orbax_io`); the tokenizer saved beside it, if any.
 - A preset with random weights (demos and benchmarks).
@@ -55,19 +58,44 @@ def workdir_config(workdir: str) -> Optional[ModelConfig]:
   return ModelConfig.from_hf(path) if os.path.isfile(path) else None
 
 
+def _verified_step(directory: str, steps: list[int], step: Optional[int]) -> int:
+  """`step` once its checksums match, or (None) the newest step whose checksums match; a damaged step
+  skipped is named in one warning line."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.training.checkpoint import verify_step  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.training.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  if step is not None:
+    verify_step(os.path.join(directory, str(step)))   # a CheckpointError names the damaged file
+    return step
+  reasons = []
+  for i in range(len(steps) - 1, -1, -1):
+    try:
+      verify_step(os.path.join(directory, str(steps[i])))
+      return steps[i]
+    except CheckpointError as e:
+      reasons.append(str(e))
+      nxt = f"using step {steps[i - 1]}" if i > 0 else "no older step"
+      logging.warning("checkpoint %s/%d is damaged (%s); %s", directory, steps[i], e, nxt)
+  raise CheckpointError(f"no checkpoint in {directory} matches its checksums (steps {steps}; newest: "
+                        f"{reasons[0]})")
+
+
 def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optional[int] = None):
-  """Variables of the newest (or a given) checkpoint of a training workdir.
+  """Variables of the newest verified (or a given) checkpoint of a training workdir; reads only.
 
   Args:
     workdir: the run directory given to `experiments.train`.
     cfg: the model config of the run (e.g. `deepseek_jax.training.model_config(experiment_config)`);
       None: read workdir/config.json.
-    step: a saved step (default: the newest).
+    step: a saved step (default: the newest whose files match their checksums; damaged newer steps are
+      named in a warning and skipped).
   Returns:
     (cfg, variables {'params', 'router'}, step).
   Raises:
     FileNotFoundError: no workdir, no checkpoints, no such step.
     ValueError: no model config, or variables that do not fit it.
+    deepseek_jax.training.CheckpointError: `step` (or, with none given, every step) fails its checksums;
+      the message names the damaged file.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
@@ -82,15 +110,17 @@ def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optio
       raise ValueError(f"workdir {workdir} records no model config (no config.json): pass the experiment "
                        "config the run was trained with")
   manager = ocp.CheckpointManager(directory)
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"{directory}: no saved checkpoint")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"{directory}: no checkpoint for step {step} (saved: {steps})")
-  # No target: the train state comes back as saved (nested dicts of arrays); only the variables are kept.
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
+  try:
+    steps = sorted(manager.all_steps())   # step directories only: '<step>.damaged' ones are not listed
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no saved checkpoint")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{directory}: no checkpoint for step {step} (saved: {steps})")
+    step = _verified_step(directory, steps, step)
+    # No target: the train state comes back as saved (nested dicts of arrays); only the variables are kept.
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
   state = restored["state"]
   if not isinstance(state, dict) or "params" not in state:
     raise ValueError(f"{directory}/{step}: the saved state holds no 'params'")
@@ -132,7 +162,8 @@ def load_for_generation(*, workdir: Optional[str] = None, experiment_config=None
   """(model, variables, tokenizer or None) from exactly one source.
 
   Args:
-    workdir: a training run directory (newest checkpoint; its tokenizer unless `tokenizer` is given).
+    workdir: a training run directory (`load_workdir`: its newest verified checkpoint; its tokenizer unless
+      `tokenizer` is given).
     experiment_config: with workdir, the experiment ConfigDict of the run (gives the ModelConfig).
     hf_dir: an HF checkpoint directory (`deepseek_jax.interop.hf.load`); its `saved_tokenizer`, if any.
     orbax_dir: a model checkpoint of `experiments.convert` (`deepseek_jax.interop.orbax_io`); its

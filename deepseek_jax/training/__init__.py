@@ -1,7 +1,7 @@
 """Training: losses, load balancing, optimizer and schedules, train state and step, checkpoints, metrics, loop."""
 
 from deepseek_jax.training.balance import bias_paths, bias_stats, load_imbalance, update_bias
-from deepseek_jax.training.checkpoint import Checkpointer
+from deepseek_jax.training.checkpoint import Checkpointer, verify_step
 from deepseek_jax.training.config import default_config, model_config
 from deepseek_jax.training.errors import CheckpointError, UserError
 from deepseek_jax.training.losses import cross_entropy, mtp_cross_entropy, objective
@@ -20,5 +20,5 @@ __all__ = [
     "create_state", "cross_entropy", "decay_mask", "default_config", "evaluate", "init_state",
     "load_imbalance", "load_init_variables", "make_eval_step", "make_optimizer", "make_train_step",
     "model_config", "mtp_cross_entropy", "objective", "read_metrics", "resolved_config", "sample_text",
-    "sample_tokens", "schedules_from_config", "train", "update_bias",
+    "sample_tokens", "schedules_from_config", "train", "update_bias", "verify_step",
 ]

@@ -3,10 +3,10 @@ record (data iterator position, step), saved asynchronously, restored onto any s
 
 Integrity: once orbax has finished a step, the SHA-256 of every file it wrote goes into the step's
 `checksums.json`; a restore checks them first (a checkpoint without one, from an interrupted run, is
-restored with a warning). `Checkpointer.restore_latest` walks the saved steps newest first: a damaged or
-unreadable checkpoint is named on one line and the previous one is tried; when none can be read it raises
-`CheckpointError` and leaves them all in place (it never answers "start afresh" for a run that has
-checkpoints).
+restored with a warning); `verify_step` is that check alone, reading only (for loaders of a run's steps).
+`Checkpointer.restore_latest` walks the saved steps newest first: a damaged or unreadable checkpoint is named
+on one line and the previous one is tried; when none can be read it raises `CheckpointError` and leaves them
+all in place (it never answers "start afresh" for a run that has checkpoints).
 
 Write failures (a full disk, a quota) raise `CheckpointError` once, naming the step and the cause, and saying
 which earlier checkpoint is intact; orbax's own tracebacks of that failure are not printed.
@@ -50,6 +50,36 @@ def _step_files(step_dir: str) -> list[str]:
       if rel != CHECKSUMS_FILE:
         out.append(rel)
   return sorted(out)
+
+
+def verify_step(step_dir: str | os.PathLike) -> bool:
+  """Checks the files of a saved step (its directory) against its checksums.json; reads only.
+
+  Returns:
+    True when verified, False when the step has no checksums.json (it was not sealed).
+  Raises:
+    CheckpointError: a file is missing or its digest differs (named), or checksums.json is unreadable.
+  """
+  step_dir = os.fspath(step_dir)
+  path = os.path.join(step_dir, CHECKSUMS_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      files = json.load(f)["files"]
+    if not isinstance(files, dict):
+      raise ValueError("'files' is not an object")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} is unreadable ({e})") from e
+  for rel, want in sorted(files.items()):
+    full = os.path.join(step_dir, rel)
+    if os.path.relpath(os.path.realpath(full), os.path.realpath(step_dir)).startswith(os.pardir):
+      raise CheckpointError(f"{path} names a file outside the checkpoint: {rel}")
+    if not os.path.isfile(full):
+      raise CheckpointError(f"{full} is missing")
+    if _file_digest(full) != want:
+      raise CheckpointError(f"{full} does not match its checksum")
+  return True
 
 
 def _cause(e: BaseException) -> str:
@@ -187,33 +217,8 @@ class Checkpointer:
     os.replace(tmp, os.path.join(step_dir, CHECKSUMS_FILE))
 
   def verify(self, step: int) -> bool:
-    """Checks a step's files against its checksums.json.
-
-    Returns:
-      True when verified, False when the step has no checksums.json (it was not sealed).
-    Raises:
-      CheckpointError: a file is missing or its digest differs (named), or checksums.json is unreadable.
-    """
-    step_dir = self._path(step)
-    path = os.path.join(step_dir, CHECKSUMS_FILE)
-    if not os.path.exists(path):
-      return False
-    try:
-      with open(path, encoding="utf-8") as f:
-        files = json.load(f)["files"]
-      if not isinstance(files, dict):
-        raise ValueError("'files' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{path} is unreadable ({e})") from e
-    for rel, want in sorted(files.items()):
-      full = os.path.join(step_dir, rel)
-      if os.path.relpath(os.path.realpath(full), os.path.realpath(step_dir)).startswith(os.pardir):
-        raise CheckpointError(f"{path} names a file outside the checkpoint: {rel}")
-      if not os.path.isfile(full):
-        raise CheckpointError(f"{full} is missing")
-      if _file_digest(full) != want:
-        raise CheckpointError(f"{full} does not match its checksum")
-    return True
+    """`verify_step` of a saved step."""
+    return verify_step(self._path(step))
 
   def save(self, step: int, state: Any, meta: dict) -> bool:
     """Starts saving (asynchronously) state and meta as `step`; a step already saved is left alone.

@@ -1,9 +1,13 @@
 """The train command end to end (subprocesses): exact resume, SIGTERM, an unreadable checkpoint, user errors,
-export of the run to HF (transformers computes its logits) and generation from the export."""
+export of the run to HF (transformers computes its logits) and generation from the export; loading a run whose
+newest checkpoint is damaged (the previous one, nothing changed on disk; a damaged --step exits 2)."""
 
 import glob
+import hashlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,3 +146,69 @@ def test_run_exports_to_hf_and_generates_from_text(baseline, tmp_path):
            "--nostop_at_eos")
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.startswith("def ") and "4 tokens" in r.stderr, (r.stdout, r.stderr[-2000:])
+
+
+def _snapshot(directory):
+  """Every directory and file under `directory` with the SHA-256 of its bytes."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for d in dirs:
+      out[os.path.relpath(os.path.join(root, d), directory)] = "dir"
+    for f in files:
+      with open(os.path.join(root, f), "rb") as fh:
+        out[os.path.relpath(os.path.join(root, f), directory)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [(jax.tree_util.keystr(k), np.asarray(v)) for k, v in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+@pytest.fixture
+def damaged_run(baseline, tmp_path):
+  """A copy of the baseline run with bytes flipped in its newest checkpoint (16) and a set-aside '20.damaged'
+  (an intact copy of step 16): (workdir, the damaged file)."""
+  from deepseek_jax.training.checkpoint import CHECKSUMS_FILE  # pylint: disable=g-import-not-at-top
+  _, wd = baseline
+  run = tmp_path / "run"
+  shutil.copytree(wd, run, ignore=shutil.ignore_patterns("profile"))
+  ckpts = run / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [8, 12, 16]
+  shutil.copytree(ckpts / "16", ckpts / "20.damaged")
+  files = [os.path.join(r, f) for r, _, fs in os.walk(ckpts / "16") for f in fs if f != CHECKSUMS_FILE]
+  damaged = max(files, key=os.path.getsize)
+  data = bytearray(open(damaged, "rb").read())
+  data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
+  open(damaged, "wb").write(bytes(data))
+  return run, damaged
+
+
+def test_load_workdir_skips_a_damaged_checkpoint_and_changes_nothing(damaged_run, caplog):
+  from deepseek_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.training import CheckpointError  # pylint: disable=g-import-not-at-top
+  run, damaged = damaged_run
+  before = _snapshot(run)
+  with caplog.at_level(logging.WARNING):
+    _, variables, step = loading.load_workdir(str(run))
+  assert step == 12
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and damaged in warned[0] and "using step 12" in warned[0], warned
+  _, expected, _ = loading.load_workdir(str(run), step=12)
+  for (path, a), (_, b) in zip(_leaves(expected), _leaves(variables)):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+  with pytest.raises(CheckpointError) as err:
+    loading.load_workdir(str(run), step=16)
+  assert str(err.value) == f"{damaged} does not match its checksum"
+  assert _snapshot(run) == before
+
+
+def test_convert_of_a_damaged_step_exits_2_naming_the_file(damaged_run, tmp_path):
+  run, damaged = damaged_run
+  before = _snapshot(run)
+  r = _cli("experiments.convert", "--to_hf", f"--workdir={run}", "--step=16", f"--out={tmp_path / 'hf'}")
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+  assert lines == [f"error: {damaged} does not match its checksum"], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and not (tmp_path / "hf").exists()
+  assert _snapshot(run) == before
