@@ -26,8 +26,8 @@ flags.DEFINE_bool("to_hf", False, "Write an HF checkpoint from --orbax_dir or --
 flags.DEFINE_string("orbax_dir", None, "--to_hf: the orbax model checkpoint to read.")
 flags.DEFINE_string("workdir", None, "--to_hf: the training run directory (experiments.train --workdir) to "
                     "read: its newest checkpoint, its config.json and its tokenizer.")
-flags.DEFINE_integer("step", None, "--to_hf --workdir: the saved step to convert (default: the newest that verifies).",
-                     lower_bound=0)
+flags.DEFINE_integer("step", None, "--to_hf --workdir: the saved step to convert (default: the newest that "
+                     "verifies).", lower_bound=0)
 flags.DEFINE_string("out", None, "Output directory (must not exist, or be empty).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype: HF -> orbax, of the loaded "
                   "parameters (default float32); --to_hf, of the tensors not written as FP8 (default: the "
