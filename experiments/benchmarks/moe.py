@@ -2,8 +2,8 @@
 
 For each (tokens T, experts E, top-k K) the suite times forward + backward of the routed experts
 (`ops.moe_dispatch`) with every strategy - dense (every expert on every token), host (BLAS GEMMs per
-expert in an XLA FFI call, the CPU default where it builds: `kernels.host_moe`), blocked (the CPU
-fallback), the blocked layout as one chain of ops (`chains=1`, on CPU), sort + `jax.lax.ragged_dot`,
+expert in an XLA FFI call, the opt-in CPU backend where it builds: `kernels.host_moe`), blocked (what
+'auto' runs on CPU), the blocked layout as one chain of ops (`chains=1`, on CPU), sort + `jax.lax.ragged_dot`,
 sort + Pallas `gmm` (GPU, or small shapes in interpret mode), and a capacity-factor layout (drops
 overflow; for comparison; the row says what fraction of the assignments it dropped) - next to a SwiGLU
 MLP of width K x F (the same active FLOPs).  The router is random, which loads the experts evenly (max /
