@@ -198,8 +198,6 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   _positive(config, "sft.steps", "sft.batch_size", "sft.seq_len", "eval_problems", "eval_batch")
   cfg = model_config(config)
-  if cfg.scan_layers:
-    raise UserError("config.model.scan_layers=True: post-training needs per-layer modules")
   mesh = make_mesh(config.mesh)
   s = config.sft
   if s.batch_size % data_parallel_size(mesh):
@@ -369,8 +367,6 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
   """
   t_start = time.time()
   cfg = model_config(config)
-  if cfg.scan_layers:
-    raise UserError("config.model.scan_layers=True: post-training needs per-layer modules")
   mesh = make_mesh(config.mesh)
   loss_cfg = _check_grpo(config, cfg, mesh)
   g = config.grpo
