@@ -1,12 +1,15 @@
 """SFT starts from a training run's newest checkpoint (its MTP modules dropped) and from an HF checkpoint of
 the same variables: the policy's initial weights are the run's."""
 
+import dataclasses
 import json
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from deepseek_jax import interop
 from deepseek_jax.inference.loading import load_workdir
@@ -15,6 +18,7 @@ from deepseek_jax.posttrain import run as run_lib
 from deepseek_jax.posttrain.config import default_config
 from deepseek_jax.training import train
 from deepseek_jax.training.config import model_config
+from deepseek_jax.training.errors import UserError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 from training_utils import MICRO, micro_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -59,3 +63,16 @@ def test_sft_starts_from_a_training_run_and_an_hf_checkpoint(tmp_path):
   interop.hf.save(str(tmp_path / "hf"), run_cfg, run_vars)
   from_hf = run_lib._initial_variables(_sft_config(str(tmp_path / "hf"), str(data)), DeepSeekV3(cfg))
   _assert_equal(main, from_hf)
+
+
+def test_init_from_that_does_not_fit_is_one_line(tmp_path):
+  config = _sft_config(str(tmp_path / "missing"), "")
+  model = DeepSeekV3(model_config(config))
+  with pytest.raises(UserError, match="no such directory"):
+    run_lib._initial_variables(config, model)
+  wide = dataclasses.replace(model_config(config), hidden_size=48)
+  shapes = jax.eval_shape(DeepSeekV3(wide).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  interop.save_orbax(str(tmp_path / "wide"), wide, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+  with pytest.raises(UserError, match=r"config.init_from=.*wide: .*shape") as e:
+    run_lib._initial_variables(_sft_config(str(tmp_path / "wide"), ""), model)
+  assert "\n" not in str(e.value)
