@@ -118,13 +118,15 @@ def _tx_factory(config):
   return factory
 
 
-def _initial_variables(config, model):
+def _initial_variables(config, model, mesh=None):
   """Variables {'params', 'router'} of `config.init_from`, or None (a fresh model).
 
   init_from is a training run's workdir (its newest checkpoint, read with the run's own config.json), an HF
   checkpoint directory (config.json + safetensors, `interop.hf.load`) or a converted orbax checkpoint
   (`interop.load_orbax`).  The source's MTP modules are dropped when the policy has none (post-training
-  trains the main model); everything else must match the policy's config in structure and shape.
+  trains the main model); everything else must match the policy's config in structure and shape.  HF and
+  orbax checkpoints are read straight onto `mesh` (each device reads its shards); a run's checkpoint onto the
+  default device.
   """
   from deepseek_jax import interop  # pylint: disable=g-import-not-at-top
   from deepseek_jax.inference.loading import load_workdir  # pylint: disable=g-import-not-at-top
@@ -138,9 +140,9 @@ def _initial_variables(config, model):
     if os.path.isdir(os.path.join(path, "checkpoints")):
       _, variables, _ = load_workdir(path)
     elif any(f.endswith(".safetensors") for f in os.listdir(path)):
-      _, variables = interop.hf.load(path)
+      _, variables = interop.hf.load(path, mesh=mesh)
     else:
-      _, variables = interop.load_orbax(path)
+      _, variables = interop.load_orbax(path, mesh=mesh)
   except Exception as e:  # pylint: disable=broad-except  # orbax / safetensors / json raise many types
     raise UserError(f"{where}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
   abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32)), jax.random.PRNGKey(0))
@@ -230,7 +232,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   if restored is not None:
     start, state, _ = restored
   else:
-    variables = _initial_variables(config, model)
+    variables = _initial_variables(config, model, mesh)
     with sharding_lib.use_mesh(mesh):
       state, tx, shardings = init_state(model, tx_factory, rng, int(s.seq_len), state_sharding_fn,
                                         variables=variables)
@@ -401,7 +403,7 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
       sft_dir = os.path.join(workdir, "sft")
       summary["sft"] = run_sft(config, sft_dir)
       init_from = sft_dir
-    variables = _initial_variables(_with_init(config, init_from), model)
+    variables = _initial_variables(_with_init(config, init_from), model, mesh)
     with sharding_lib.use_mesh(mesh):
       state, tx, shardings = init_state(model, tx_factory, rng, seq_len, state_sharding_fn,
                                         variables=variables)
