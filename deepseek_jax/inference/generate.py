@@ -107,17 +107,24 @@ def _apply_main(settings: DecodeSettings, variables, tokens, cache, cache_start,
   """The main model over tokens [B, S] with the cache; returns (main's outputs, routing or None).
 
   With settings.record_routing the routing is {MoE layer path: {'experts' int32 [B, S, K], 'weights'
-  float32 [B, S, K]}} (the model's 'routing' collection), else None."""
+  float32 [B, S, K]}} (the model's 'routing' collection; a scanned run's leaves [B, S, L, K]), else None."""
   model = settings.model
   if not settings.record_routing:
     return model.apply(variables, tokens, None, cache=cache, cache_start=cache_start, absorbed=absorbed,
                        method=DeepSeekV3.main), None
-  if settings.cfg.scan_layers:
-    raise ValueError("recording the routing needs per-layer modules (scan_layers=False)")
   out, rec = model.apply(variables, tokens, None, cache=cache, cache_start=cache_start, absorbed=absorbed,
                          method=DeepSeekV3.main, mutable=["routing"])
-  b, s = tokens.shape
-  return out, jax.tree.map(lambda r: r.reshape((b, s) + r.shape[1:]), rec.get("routing", {}))
+  return out, routing_rows(rec.get("routing", {}), *tokens.shape)
+
+
+def routing_rows(routing, b: int, s: int):
+  """A forward's 'routing' collection, batch first: per-layer leaves [B * S, K] -> [B, S, K]; a scanned run's
+  [L, B * S, K] -> [B, S, L, K]."""
+  def one(r):
+    if r.ndim == 2:
+      return r.reshape((b, s) + r.shape[1:])
+    return jnp.moveaxis(r.reshape((r.shape[0], b, s) + r.shape[2:]), 0, 2)
+  return jax.tree.map(one, routing)
 
 
 def decode_loop(settings: DecodeSettings, variables, state, stop_step):
@@ -248,8 +255,9 @@ def generate(model: DeepSeekV3, variables, prompt_ids, *, max_new_tokens: int, t
     return_stats: also return a dict of statistics.
     return_logits: also return float32 [B, max_new_tokens, V] logits: entry i is the model's (unfiltered)
       next-token logits from which new token i was chosen (zeros past a row's end).
-    return_routing: also return the routing every token took (plain decoding, per-layer modules): a tree
-      {MoE layer path: {'experts' int32 [B, P + max_new_tokens, K], 'weights' float32 [...]}} whose
+    return_routing: also return the routing every token took (plain decoding): a tree
+      {MoE layer path: {'experts' int32 [B, P + max_new_tokens, K], 'weights' float32 [...]}} (a scanned
+      run of layers: one path, leaves [B, P + max_new_tokens, L, K]) whose
       position t of row b is token t of that row's own sequence (its prompt_lengths[b] prompt tokens, then
       its new tokens); positions never fed to the model (its last token, padding) hold no meaning.  The
       model's 'replay' collection takes the same tree (`deepseek_jax.posttrain.replay`).

@@ -81,7 +81,9 @@ def scan_layers(cfg: ModelConfig, moe: bool, length: int):
   layer writes its new latents in place; returns `((x, caches), stats)`, stats stacked along axis 0 (None
   for dense blocks).
   """
-  scanned = nn.scan(remat_block(cfg), variable_axes={"params": 0, "router": 0},
+  # Routing replay's collections ride the layer axis too: 'replay' (input) and 'routing' (recorded output)
+  # leaves are [layers, B * S, K] for the run.
+  scanned = nn.scan(remat_block(cfg), variable_axes={"params": 0, "router": 0, "replay": 0, "routing": 0},
                     split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=length,
                     metadata_params={nn.PARTITION_NAME: "layers"})

@@ -2,7 +2,8 @@
 
 `default_config()` lists every field; `experiments/configs/sft_tiny.py` and `grpo_tiny.py` change values.
   model.preset, model.<ModelConfig field>, precision     (as in `training.config`)
-  seed, init_from ('' = a fresh model; else a run workdir, or a converted checkpoint directory)
+  seed, init_from ('' = a fresh model; else a run workdir, an HF checkpoint or a converted orbax checkpoint
+    directory; its MTP modules are dropped when the policy has none)
   task.{terms, max_value, eval_fraction, teacher_error, problems}  (the ChainSum task; teacher_error: the
     share of SFT demonstrations whose last addition is one too high; problems: a JSONL of {'prompt',
     'answer'} that replaces the task for GRPO)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseek_jax.inference.generate import routing_rows
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.posttrain import replay as replay_lib
 from deepseek_jax.posttrain.grpo import GRPOLoss, grpo_loss, token_log_probs
@@ -36,17 +37,17 @@ def forward_log_probs(model: DeepSeekV3, variables, tokens, *, temperature: floa
     tokens: int32 [B, S].
     temperature: the sampling temperature the log-probs are taken at.
     replay: the 'replay' collection (`replay.replay_collection`) or None (route freely).
-    record: also return the routing the forward took.
+    record: also return the routing the forward took (batch first, as the generator records it).
   Returns:
     (logp [B, S - 1], stats list, routing tree or None).
   """
   variables = dict(variables)
   if replay is not None:
-    variables["replay"] = replay
+    variables["replay"] = replay_lib.model_layout(replay)
   inputs = tokens[:, :-1]
   if record:
     (_, logits, stats, _), rec = model.apply(variables, inputs, method=DeepSeekV3.main, mutable=["routing"])
-    routing = rec.get("routing", {})
+    routing = routing_rows(rec.get("routing", {}), *inputs.shape)
   else:
     _, logits, stats, _ = model.apply(variables, inputs, method=DeepSeekV3.main)
     routing = None

@@ -5,8 +5,8 @@
 greedy accuracy on held-out task problems at the end.
 
 `run_grpo(config, workdir)`:
-  1. the initial policy: `init_from` (a run workdir: its newest checkpoint; or a converted checkpoint
-     directory), else a fresh model SFT'd on the task by `run_sft` in workdir/sft (resumable itself);
+  1. the initial policy: `init_from` (a run workdir: its newest checkpoint; an HF checkpoint; or a converted
+     orbax checkpoint), else a fresh model SFT'd on the task by `run_sft` in workdir/sft (resumable itself);
      the reference policy is a frozen copy of it;
   2. restores workdir/checkpoints ({'policy': TrainState, 'ref': variables}) when present;
   3. per step: prompts drawn by (seed, step) -> `rollout.sample_groups` (G completions each, routing
@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseek_jax import sharding as sharding_lib
 from deepseek_jax.data.tokenizer import ByteTokenizer, check_vocab, load_tokenizer
-from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.model import DeepSeekV3, to_layer_layout
 from deepseek_jax.posttrain import replay as replay_lib
 from deepseek_jax.posttrain import rewards as rewards_lib
 from deepseek_jax.posttrain import sft as sft_lib
@@ -49,7 +49,7 @@ from deepseek_jax.training.errors import UserError
 from deepseek_jax.training.metrics import MetricsWriter
 from deepseek_jax.training.optimizer import make_optimizer
 from deepseek_jax.training.state import init_state
-from deepseek_jax.training.trainer import data_parallel_size, load_init_variables, make_mesh
+from deepseek_jax.training.trainer import data_parallel_size, make_mesh
 
 
 # ------------------------------------------------------------------------------------------ shared pieces
@@ -89,8 +89,18 @@ def _task(config) -> ChainSum:
 
 
 def _tokenizer(init_from: str, cfg):
+  """The tokenizer of init_from (a run's tokenizer/, or one saved beside a checkpoint), else the byte one."""
+  from deepseek_jax.inference.loading import saved_tokenizer  # pylint: disable=g-import-not-at-top
   path = os.path.join(init_from, "tokenizer") if init_from else ""
-  tok = load_tokenizer(path) if path and os.path.isdir(path) else ByteTokenizer()
+  tok = None
+  try:
+    if path and os.path.isdir(path):
+      tok = load_tokenizer(path)
+    elif init_from and os.path.isdir(init_from):
+      tok = saved_tokenizer(init_from)
+  except (OSError, ValueError) as e:
+    raise UserError(f"config.init_from={init_from}: cannot read its tokenizer ({e})") from e
+  tok = tok or ByteTokenizer()
   try:
     check_vocab(tok, cfg.vocab_size)
   except ValueError as e:
@@ -108,28 +118,51 @@ def _tx_factory(config):
   return factory
 
 
-def _initial_variables(config, model, mesh, seq_len: int):
-  """Variables of `config.init_from` (a run workdir's newest checkpoint or a converted checkpoint), or None."""
+def _initial_variables(config, model, mesh=None):
+  """Variables {'params', 'router'} of `config.init_from`, or None (a fresh model).
+
+  init_from is a training run's workdir (its newest checkpoint, read with the run's own config.json), an HF
+  checkpoint directory (config.json + safetensors, `interop.hf.load`) or a converted orbax checkpoint
+  (`interop.load_orbax`).  The source's MTP modules are dropped when the policy has none (post-training
+  trains the main model); everything else must match the policy's config in structure and shape.  HF and
+  orbax checkpoints are read straight onto `mesh` (each device reads its shards); a run's checkpoint onto the
+  default device.
+  """
+  from deepseek_jax import interop  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.inference.loading import load_workdir  # pylint: disable=g-import-not-at-top
   path = config.init_from
   if not path:
     return None
+  where = f"config.init_from={path}"
   if not os.path.isdir(path):
-    raise UserError(f"config.init_from={path}: no such directory")
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckpt_dir):
-    ckpt = Checkpointer(ckpt_dir, async_save=False)
-    sharding_fn = sharding_lib.train_state_sharding(model, mesh)
-    with sharding_lib.use_mesh(mesh):
-      abstract, _, _ = init_state(model, _tx_factory(config), jax.random.PRNGKey(0), seq_len, sharding_fn,
-                                  abstract_only=True)
-      restored = ckpt.restore_latest(abstract)
-    ckpt.close()
-    if restored is None:
-      raise UserError(f"config.init_from={path}: no readable checkpoint of this model in {ckpt_dir}")
-    return {"params": restored[1].params, "router": restored[1].router}
-  abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32)),
-                            jax.random.PRNGKey(0))
-  return load_init_variables(path, abstract, mesh=mesh, cfg=model.cfg)
+    raise UserError(f"{where}: no such directory")
+  try:
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+      _, variables, _ = load_workdir(path)
+    elif any(f.endswith(".safetensors") for f in os.listdir(path)):
+      _, variables = interop.hf.load(path, mesh=mesh)
+    else:
+      _, variables = interop.load_orbax(path, mesh=mesh)
+  except Exception as e:  # pylint: disable=broad-except  # orbax / safetensors / json raise many types
+    raise UserError(f"{where}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+  abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32)), jax.random.PRNGKey(0))
+  abstract = {"params": abstract["params"], "router": abstract.get("router", {})}
+  variables = {c: {k: v for k, v in (variables.get(c) or {}).items()
+                   if k in abstract[c] or not k.startswith("mtp")} for c in ("params", "router")}
+  variables = to_layer_layout(model.cfg, variables, donate=True)
+  want, got = jax.tree_util.tree_structure(abstract), jax.tree_util.tree_structure(variables)
+  if want != got:
+    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    need = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    raise UserError(f"{where}: the checkpoint's variables do not match the policy's model config (missing "
+                    f"e.g. {sorted(need - have)[:2]}, unexpected e.g. {sorted(have - need)[:2]})")
+  leaves = []
+  for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(variables)):
+    if tuple(a.shape) != tuple(np.shape(b)):
+      raise UserError(f"{where}: {jax.tree_util.keystr(kp)} has shape {tuple(np.shape(b))}, the policy's "
+                      f"model config expects {tuple(a.shape)}")
+    leaves.append(jnp.asarray(b, a.dtype))
+  return jax.tree_util.tree_unflatten(want, leaves)
 
 
 def _write_run_files(workdir: str, tokenizer, cfg) -> None:
@@ -167,8 +200,6 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   _positive(config, "sft.steps", "sft.batch_size", "sft.seq_len", "eval_problems", "eval_batch")
   cfg = model_config(config)
-  if cfg.scan_layers:
-    raise UserError("config.model.scan_layers=True: post-training needs per-layer modules")
   mesh = make_mesh(config.mesh)
   s = config.sft
   if s.batch_size % data_parallel_size(mesh):
@@ -201,7 +232,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   if restored is not None:
     start, state, _ = restored
   else:
-    variables = _initial_variables(config, model, mesh, int(s.seq_len))
+    variables = _initial_variables(config, model, mesh)
     with sharding_lib.use_mesh(mesh):
       state, tx, shardings = init_state(model, tx_factory, rng, int(s.seq_len), state_sharding_fn,
                                         variables=variables)
@@ -338,8 +369,6 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
   """
   t_start = time.time()
   cfg = model_config(config)
-  if cfg.scan_layers:
-    raise UserError("config.model.scan_layers=True: post-training needs per-layer modules")
   mesh = make_mesh(config.mesh)
   loss_cfg = _check_grpo(config, cfg, mesh)
   g = config.grpo
@@ -374,7 +403,7 @@ def run_grpo(config, workdir: str) -> dict[str, Any]:
       sft_dir = os.path.join(workdir, "sft")
       summary["sft"] = run_sft(config, sft_dir)
       init_from = sft_dir
-    variables = _initial_variables(_with_init(config, init_from), model, mesh, seq_len)
+    variables = _initial_variables(_with_init(config, init_from), model, mesh)
     with sharding_lib.use_mesh(mesh):
       state, tx, shardings = init_state(model, tx_factory, rng, seq_len, state_sharding_fn,
                                         variables=variables)

@@ -1,4 +1,5 @@
-"""A micro MoE policy shared by the post-training tests (one dense and one MoE layer, 8 routed experts)."""
+"""A micro MoE policy shared by the post-training tests (one dense and one MoE layer, 8 routed experts), and
+its scanned form (one dense layer, then two MoE layers as one `nn.scan`)."""
 
 import pytest
 
@@ -15,5 +16,17 @@ def micro():
   from deepseek_jax.config import ModelConfig
   from deepseek_jax.model import DeepSeekV3
   model = DeepSeekV3(ModelConfig.preset("tiny", **MICRO))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return model, variables
+
+
+@pytest.fixture(scope="session")
+def micro_scan():
+  """(model, variables) of the micro policy with scan_layers and a second MoE layer."""
+  import jax
+  import jax.numpy as jnp
+  from deepseek_jax.config import ModelConfig
+  from deepseek_jax.model import DeepSeekV3
+  model = DeepSeekV3(ModelConfig.preset("tiny", **dict(MICRO, num_hidden_layers=3), scan_layers=True))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   return model, variables
