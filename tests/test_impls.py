@@ -15,7 +15,8 @@ def cfg():
   return dsj.ModelConfig.preset("tiny")
 
 
-def test_cpu_auto_is_the_xla_path(cfg, caplog):
+def test_cpu_auto_is_the_xla_path(cfg, caplog, monkeypatch):
+  monkeypatch.setattr(impls, "_logged", set())   # each distinct resolution logs once per process
   with caplog.at_level(logging.INFO, logger="deepseek_jax.ops.impls"):
     got = impls.resolve(cfg.replace(num_hidden_layers=3), backend="cpu")
   assert (got.attention, got.decode, got.moe, got.matmul, got.interpret) == ("xla", "xla", "blocked", "xla", True)

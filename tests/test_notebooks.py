@@ -83,6 +83,9 @@ def test_notebook_runs(path, kernel_specs, capsys):
     client.execute()
   except nbclient.exceptions.CellExecutionError as e:
     pytest.fail(f"{path.name}: a cell raised\n{e}", pytrace=False)
+  finally:
+    if km.has_kernel:   # nbclient leaves a kernel manager it was given running
+      km.shutdown_kernel(now=True)
   wall = time.perf_counter() - t0
   with capsys.disabled():
     print(f"\n[notebook] {path.name}: {wall:.1f} s", flush=True)

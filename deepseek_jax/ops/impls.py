@@ -23,6 +23,7 @@ from typing import Optional
 import jax
 
 from deepseek_jax.config import ModelConfig
+from kernels import _common
 
 _log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def _mesh_sizes(mesh) -> tuple[int, int]:
 
 
 def _backend_name(backend: Optional[str]) -> str:
-  name = (backend or jax.default_backend()).lower()
+  # Default: the backend the kernels are built for (JAX's default, or an enclosing
+  # `kernels._common.target_backend`, as when lowering for CUDA on a CPU machine).
+  name = (backend or _common.backend()).lower()
   return "gpu" if name in _GPU_NAMES else name
 
 

@@ -4,8 +4,8 @@
 469B tokens), FP8 compute, bf16 AdamW moments. Not meant to run on one machine.
 
 The layout for 2,048 80 GB GPUs without pipeline parallelism (docs/scale.md has the plan, the compiled step's
-per-device memory next to it, and the communication): fsdp 16 x expert 64 x tensor 2, one sequence per device
-per microbatch (15 microbatches of 1,024 make the report's 15,360; the batch ramp would need batches that are
+per-device memory next to it, and the communication): fsdp 8 x expert 64 x tensor 4, one sequence per device
+per microbatch (30 microbatches of 512 make the report's 15,360; the batch ramp would need batches that are
 multiples of 15,360 here, so it is off), scanned layers with full recomputation, and an expert-parallel
 capacity of twice the balanced share (dropless buffers alone would not fit).
 """

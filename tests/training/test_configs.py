@@ -35,7 +35,13 @@ def test_config_builds(name):
     assert cfg.precision == "fp8" and cfg.dtype == "bfloat16"
     # 14.8T tokens: the ramp is 0.469T of 14.8T, the report's 2K-step warmup.
     assert config.steps * tokens == pytest.approx(14.8e12, rel=1e-4)
-    assert s.global_batch(0) == 3072 and s.global_batch(config.steps // 2) == 15360
+    # The recipe's layout runs a fixed batch (its microbatches need batches that are multiples of 15,360);
+    # the report's ramp, switched on, starts at 3072 and reaches 15,360.
+    assert not config.batch_ramp.enabled and s.global_batch(0) == 15360
+    ramped = config.copy_and_resolve_references()
+    ramped.batch_ramp.enabled = True
+    r = schedules_from_config(ramped)
+    assert r.global_batch(0) == 3072 and r.global_batch(config.steps // 2) == 15360
   if name == "tiny":
     # The tiny run builds for real: one forward of the initialized model is finite and near ln(V).
     import jax, jax.numpy as jnp
