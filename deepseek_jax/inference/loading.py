@@ -32,7 +32,7 @@ def init_variables(cfg: ModelConfig, seed: int = 0) -> dict:
   return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))
 
 
-def _check_like(where: str, abstract, variables) -> dict:
+def check_like(where: str, abstract, variables) -> dict:
   """variables cast to abstract's dtypes, after checking its structure and every shape."""
   want = jax.tree_util.tree_structure(abstract)
   got = jax.tree_util.tree_structure(variables)
@@ -128,7 +128,7 @@ def load_workdir(workdir: str, cfg: Optional[ModelConfig] = None, *, step: Optio
                               donate=True)
   abstract = jax.eval_shape(DeepSeekV3(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   abstract = {"params": abstract["params"], "router": abstract.get("router", {})}
-  return cfg, _check_like(f"{directory}/{step}", abstract, variables), step
+  return cfg, check_like(f"{directory}/{step}", abstract, variables), step
 
 
 def load_workdir_tokenizer(workdir: str):

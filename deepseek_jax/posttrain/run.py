@@ -129,7 +129,7 @@ def _initial_variables(config, model, mesh=None):
   default device.
   """
   from deepseek_jax import interop  # pylint: disable=g-import-not-at-top
-  from deepseek_jax.inference.loading import load_workdir  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.inference.loading import check_like, load_workdir  # pylint: disable=g-import-not-at-top
   path = config.init_from
   if not path:
     return None
@@ -150,19 +150,10 @@ def _initial_variables(config, model, mesh=None):
   variables = {c: {k: v for k, v in (variables.get(c) or {}).items()
                    if k in abstract[c] or not k.startswith("mtp")} for c in ("params", "router")}
   variables = to_layer_layout(model.cfg, variables, donate=True)
-  want, got = jax.tree_util.tree_structure(abstract), jax.tree_util.tree_structure(variables)
-  if want != got:
-    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(variables)[0]}
-    need = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    raise UserError(f"{where}: the checkpoint's variables do not match the policy's model config (missing "
-                    f"e.g. {sorted(need - have)[:2]}, unexpected e.g. {sorted(have - need)[:2]})")
-  leaves = []
-  for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(variables)):
-    if tuple(a.shape) != tuple(np.shape(b)):
-      raise UserError(f"{where}: {jax.tree_util.keystr(kp)} has shape {tuple(np.shape(b))}, the policy's "
-                      f"model config expects {tuple(a.shape)}")
-    leaves.append(jnp.asarray(b, a.dtype))
-  return jax.tree_util.tree_unflatten(want, leaves)
+  try:
+    return check_like(where, abstract, variables)
+  except ValueError as e:
+    raise UserError(str(e)) from e
 
 
 def _write_run_files(workdir: str, tokenizer, cfg) -> None:
