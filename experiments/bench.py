@@ -69,6 +69,8 @@ flags.DEFINE_string("impls", "", "Train suite: also time our step with each of t
 flags.DEFINE_bool("scan_layers", False, "Train suite: also time our step with ModelConfig.scan_layers=True.")
 flags.DEFINE_string("mesh", "", "Scale suite: mesh of the compiled step, e.g. 'fsdp:16,expert:64,tensor:2' "
                     "(default: experiments/configs/v3.py's).")
+flags.DEFINE_enum("target", "cpu", ["cpu", "h100"], "Scale suite: compile for XLA's host devices (cpu) or "
+                  "for H100s with the CUDA plugin's compile-only devices (h100; no GPU needed, .ci/cuda_env.sh).")
 flags.DEFINE_string("compile_layers", "", "Depths the compile suite compiles at, e.g. '4,8' "
                     "(default: first_k_dense + 1 and twice that).")
 flags.DEFINE_string("profile", "", "Train suite: also profile our step into this directory (the jax profiler "

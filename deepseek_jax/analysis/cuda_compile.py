@@ -160,7 +160,7 @@ def ptxas_report(ptx: str, ptxas: str) -> dict:
 
 
 @contextlib.contextmanager
-def _hopper_target():
+def hopper_target():
   """Lowers Pallas Triton kernels for an H100 where no GPU is attached (jax 0.11 asks the device)."""
   try:
     from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
@@ -177,7 +177,7 @@ def _hopper_target():
 
 def lower_for_cuda(fn: Callable, *args: Any, **kwargs: Any):
   """`jax.jit(fn)` traced on abstract args and lowered for CUDA; returns the stablehlo module."""
-  with _hopper_target():
+  with hopper_target():
     lowered = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
   return lowered.compiler_ir("stablehlo")
 
@@ -274,17 +274,27 @@ def check(fn: Callable, *args: Any, compiler=None, ptxas: str | None = None, **k
   return check_kernels(extract_kernels(lower_for_cuda(fn, *args, **kwargs)), compiler, ptxas)
 
 
-_DEVICE = []
+_DEVICES: dict[int, list] = {}
+
+
+def h100_devices(count: int = 1) -> list:
+  """`count` compile-only H100 devices of the CUDA plugin (no GPU needed), 8 per simulated node: a mesh
+  over them compiles with XLA's GPU compiler as it would on `count` GPUs."""
+  if count not in _DEVICES:
+    from jax._src import xla_bridge as xb  # pylint: disable=g-import-not-at-top
+    jax.devices()
+    per_node = min(count, 8)
+    if count % per_node:
+      raise ValueError(f"h100_devices: {count} devices are not whole nodes of 8")
+    topology = xb.make_pjrt_topology("cuda", "", topology=f"1x{count // per_node}x{per_node}",
+                                     target_config=H100_TARGET_CONFIG)
+    _DEVICES[count] = list(topology._make_compile_only_devices())  # pylint: disable=protected-access
+  return _DEVICES[count]
 
 
 def hopper_device():
   """A compile-only H100 device of the CUDA plugin (no GPU needed), for `xla_compile`."""
-  if not _DEVICE:
-    from jax._src import xla_bridge as xb  # pylint: disable=g-import-not-at-top
-    jax.devices()
-    topology = xb.make_pjrt_topology("cuda", "", topology="1x1x1", target_config=H100_TARGET_CONFIG)
-    _DEVICE.append(topology._make_compile_only_devices()[0])  # pylint: disable=protected-access
-  return _DEVICE[0]
+  return h100_devices(1)[0]
 
 
 _THUNK_RE = re.compile(r"kCustomKernel .*?\] (\S+) grid: .* shared_memory: (\d+) bytes")
@@ -296,7 +306,7 @@ def xla_compile(fn: Callable, *args: Any) -> dict[str, int]:
   from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
   sharding = SingleDeviceSharding(hopper_device())
   placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
-  with _hopper_target():
+  with hopper_target():
     lowered = jax.jit(fn).trace(*placed).lower()
   with tempfile.TemporaryDirectory() as d:
     lowered.compile(compiler_options={"xla_dump_to": d, "xla_dump_hlo_as_text": True})

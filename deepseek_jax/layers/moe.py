@@ -4,8 +4,8 @@ y = shared_experts(x) + sum_k w_k expert_{i_k}(x), each expert a SwiGLU of width
 
 `routed_experts` picks the computation for a concrete `ModelConfig.moe_impl` and precision: the dispatch
 layouts of `deepseek_jax.ops.moe_dispatch`, the FP8 recipe of `deepseek_jax.ops.fp8_experts`, the opt-in
-host kernel, and, under a mesh with an 'expert' axis, `deepseek_jax.ops.expert_parallel`; no token is ever
-dropped.
+host kernel, and, under a mesh with an 'expert' axis (or for the grouped-matmul kernels on several devices),
+`deepseek_jax.ops.expert_parallel`; no token is dropped unless a capacity is set.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from deepseek_jax.layers import fp8_weights
 from deepseek_jax.layers.linear import dtype_of, normal_init, param
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.router import Router
-from deepseek_jax.ops import expert_parallel, fp8_experts, moe_dispatch
+from deepseek_jax.ops import expert_parallel, fp8_experts, moe_dispatch, per_shard
 
 IMPLS = ("dense", "blocked", "xla", "pallas", "tokamax", "host")
 
@@ -45,7 +45,11 @@ def routed_experts(x, idx, weights, w_gate, w_up, w_down, *, impl: str = "xla", 
   fp8 = precision == "fp8"
   if fp8 and impl == "host":
     raise ValueError("moe impl='host' runs float32 GEMMs; precision='fp8' needs another impl")
-  if expert_parallel.expert_parallel_size() > 1:
+  mesh = per_shard.ambient_mesh()
+  # The grouped-matmul kernels are custom calls XLA's partitioner cannot split: on several devices they run
+  # per device on its own tokens, as with the experts split over an 'expert' axis.
+  if expert_parallel.expert_parallel_size(mesh) > 1 or (impl in ("pallas", "tokamax")
+                                                        and per_shard.mesh_devices(mesh) > 1):
     if impl not in ("xla", "pallas", "tokamax"):
       raise ValueError(f"moe impl={impl!r} runs one device's experts; split over the 'expert' mesh axis "
                        "they need 'xla', 'pallas' or 'tokamax'")

@@ -19,10 +19,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import dtype_of, normal_init, param
+from deepseek_jax.ops.per_shard import per_shard
 
 
 def select_experts(cfg: ModelConfig, scores, bias=None):
@@ -63,28 +63,12 @@ def _per_token_shards(fn, scores, bias):
   """fn(scores [T, E], bias) -> [T, K] arrays, run on each device's own tokens under a mesh.
 
   XLA's partitioner gathers every token of the global batch onto every device before a top_k whose token
-  dim is split; the selection is per token, so each device selects for its own tokens in a shard_map over
-  the token axes (the 'activation_batch' rule's mesh axes that divide T).
+  dim is split; the selection is per token, so each device selects for its own tokens
+  (`ops.per_shard.per_shard` over the token axes).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = nn.get_logical_axis_rules()
-  if mesh is None or getattr(mesh, "empty", False) or not mesh.axis_names or not rules:
-    return fn(scores, bias)
-  sizes = dict(mesh.shape)
-  axes, size = [], 1
-  for key, value in rules:
-    if key != "activation_batch" or value is None:
-      continue
-    for a in ((value,) if isinstance(value, str) else tuple(value)):
-      if sizes.get(a, 1) > 1 and scores.shape[0] % (size * sizes[a]) == 0:
-        axes.append(a)
-        size *= sizes[a]
-  if not axes:
-    return fn(scores, bias)
-  tok = P(axes[0] if len(axes) == 1 else tuple(axes), None)
   if bias is None:
-    return jax.shard_map(lambda s: fn(s, None), mesh=mesh, in_specs=(tok,), out_specs=(tok, tok))(scores)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(tok, P()), out_specs=(tok, tok))(scores, bias)
+    return per_shard(lambda s: fn(s, None), (scores,), ("b.",), ("b.", "b."), check_vma=True)
+  return per_shard(fn, (scores, bias), ("b.", "."), ("b.", "b."), check_vma=True)
 
 
 class Router(nn.Module):

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.ops.per_shard import per_shard
+
 IMPLS = ("xla", "pallas", "host")
 
 # Query rows per chunk of `causal_attention`: each chunk scores only the keys at or before its last row, so
@@ -154,6 +156,8 @@ def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_slots=None, 
   q, k = jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe_h], -1)
   if impl == "pallas":
     from kernels import mla_attention  # pylint: disable=g-import-not-at-top
-    return mla_attention.flash_attention(q, k, v, causal=True, sm_scale=scale,
-                                         interpret=interpret).astype(q_nope.dtype)
+    # A custom call XLA cannot split: each device runs the kernel on its own rows and heads.
+    flash = lambda q, k, v: mla_attention.flash_attention(q, k, v, causal=True, sm_scale=scale,
+                                                          interpret=interpret)
+    return per_shard(flash, (q, k, v), ("b.h.",) * 3, "b.h.").astype(q_nope.dtype)
   return causal_attention(q, k, v, scale=scale)

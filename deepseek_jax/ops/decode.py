@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kernels import mla_decode
+from deepseek_jax.ops.per_shard import per_shard
 
 IMPLS = ("xla", "pallas")
 
@@ -34,5 +35,8 @@ def absorbed_attention(q_c, q_pe, c_kv, k_pe, *, scale: float, q_slots=None, imp
   else:
     lengths = q_slots[:, -1].astype(jnp.int32) + 1
   if impl == "pallas":
-    return mla_decode.mla_decode(q_c, q_pe, c_kv, k_pe, lengths, sm_scale=scale, interpret=interpret)
+    # A custom call XLA cannot split: each device runs the kernel on its own rows and heads.
+    decode = lambda q_c, q_pe, c_kv, k_pe, lengths: mla_decode.mla_decode(q_c, q_pe, c_kv, k_pe, lengths,
+                                                                         sm_scale=scale, interpret=interpret)
+    return per_shard(decode, (q_c, q_pe, c_kv, k_pe, lengths), ("b.h.", "b.h.", "b..", "b..", "b"), "b.h.")
   return mla_decode.mla_decode_reference(q_c, q_pe, c_kv, k_pe, lengths, sm_scale=float(scale))

@@ -25,6 +25,9 @@ all-to-all) a dense `jax.lax.all_to_all` moves the [ep, C, D] padded buffers. Bo
 
 When tokens are replicated over 'expert' (T not divisible by the token shards, e.g. one-token decoding), every
 device applies its local experts to the assignments that fall on them and the outputs are summed over 'expert'.
+On a mesh without an 'expert' axis (or of size 1) every device runs all experts on its own tokens: the grouped
+matmul kernels are custom calls XLA cannot split, so they run here per device instead of on the gathered
+batch.
 
 Optional capacity (`capacity_factor`): C = ceil(capacity_factor * T_l * K / ep) rows per (source, destination)
 pair instead of the worst case; the rows past C (in expert order) are dropped and contribute zero, and the
@@ -36,25 +39,16 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels.dispatch import combine, permute, sort_by_expert
 from deepseek_jax.ops.moe_dispatch import grouped_swiglu
-from deepseek_jax.sharding import LOGICAL_RULES
+from deepseek_jax.ops.per_shard import active_rules, ambient_mesh, dividing_axes, rule_axes, shard_map, spec_entry
 
 EXPERT_AXIS = "expert"
 COLLECTIVES = ("auto", "ragged", "padded", "ragged_emulated")
-
-
-def ambient_mesh():
-  """The mesh set by `jax.set_mesh` (abstract inside jit), or None when there is none."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or getattr(mesh, "empty", False) or not mesh.axis_names:
-    return None
-  return mesh
 
 
 def expert_parallel_size(mesh=None) -> int:
@@ -65,48 +59,13 @@ def expert_parallel_size(mesh=None) -> int:
   return int(dict(mesh.shape)[EXPERT_AXIS])
 
 
-def _rules():
-  current = nn.get_logical_axis_rules()
-  return tuple(current) if current else LOGICAL_RULES
-
-
-def _rule_axes(rules, name) -> tuple:
-  for key, value in rules:
-    if key == name:
-      if value is None:
-        return ()
-      return (value,) if isinstance(value, str) else tuple(value)
-  return ()
-
-
-def _token_axes(mesh, rules, num_tokens: int) -> tuple:
-  """Mesh axes the [T] token dim is split over: the 'activation_batch' rule's axes, in order, while they
-  divide T (tokens stay replicated over the rest)."""
-  shape = dict(mesh.shape)
-  axes, size = [], 1
-  for a in _rule_axes(rules, "activation_batch"):
-    if a not in shape or shape[a] == 1:
-      continue
-    if num_tokens % (size * shape[a]):
-      break
-    axes.append(a)
-    size *= shape[a]
-  return tuple(axes)
-
-
 def _hidden_axes(mesh, rules, hidden: int) -> tuple:
   """Mesh axes the expert hidden width F is split over (the 'moe_mlp' rule), if they divide F."""
   shape = dict(mesh.shape)
-  axes = tuple(a for a in _rule_axes(rules, "moe_mlp") if a in shape and shape[a] > 1)
+  axes = tuple(a for a in rule_axes(rules, "moe_mlp") if a in shape and shape[a] > 1)
   if axes and hidden % math.prod(shape[a] for a in axes) == 0:
     return axes
   return ()
-
-
-def _spec_entry(axes):
-  if not axes:
-    return None
-  return axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def _a2a(x, tiled=True):
@@ -213,17 +172,20 @@ def _local_dispatch(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidde
   return y, dropped
 
 
-def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, expert_ffn):
-  """Per-device body when tokens are replicated over 'expert': local experts only, summed over 'expert'."""
+def _local_replicated(x, idx, weights, w_gate, w_up, w_down, *, num_experts, hidden_axes, expert_ffn,
+                      expert_axis=EXPERT_AXIS):
+  """Per-device body when tokens are replicated over 'expert': local experts only, summed over 'expert'
+  (with `expert_axis` None every expert is local)."""
   e_local = w_gate.shape[0]
-  me = jax.lax.axis_index(EXPERT_AXIS)
+  me = jax.lax.axis_index(expert_axis) if expert_axis else 0
   local = idx - me * e_local
   mine = (local >= 0) & (local < e_local)
   order, group_sizes, inverse = sort_by_expert(jnp.where(mine, local, e_local),
                                                num_experts=e_local)
   ys = expert_ffn(permute(x, order, idx.shape[1]), group_sizes, w_gate, w_up, w_down)
   y = combine(ys, inverse, jnp.where(mine, weights, 0))
-  return jax.lax.psum(y, (EXPERT_AXIS,) + tuple(hidden_axes)), jnp.zeros((), jnp.int32)
+  summed = ((expert_axis,) if expert_axis else ()) + tuple(hidden_axes)
+  return (jax.lax.psum(y, summed) if summed else y), jnp.zeros((), jnp.int32)
 
 
 def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *,
@@ -253,13 +215,12 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *,
   Returns:
     y [T, D] in x's dtype, or (y, dropped_fraction) with `return_dropped`.
   Raises:
-    ValueError: no mesh with an 'expert' axis, E not divisible by its size, or a bad `collective`.
+    ValueError: no mesh, E not divisible by the 'expert' axis, or a bad `collective`.
   """
   mesh = ambient_mesh() if mesh is None else mesh
-  ep = expert_parallel_size(mesh) if mesh is not None else 1
-  if ep <= 1:
-    raise ValueError("expert_parallel_experts needs a mesh with an 'expert' axis of size > 1 "
-                     "(pass mesh= or call under jax.set_mesh)")
+  if mesh is None:
+    raise ValueError("expert_parallel_experts needs a mesh (pass mesh= or call under jax.set_mesh)")
+  ep = expert_parallel_size(mesh)
   num_experts, _, hidden = w_gate.shape
   if num_experts % ep:
     raise ValueError(f"n_routed_experts={num_experts} is not divisible by the expert mesh axis ({ep})")
@@ -269,13 +230,13 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *,
     raise ValueError(f"capacity_factor={capacity_factor!r} must be positive or None")
   if collective == "auto":
     collective = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
-  rules = _rules() if rules is None else tuple(rules)
+  rules = active_rules() if rules is None else tuple(rules)
   t = x.shape[0]
-  token_axes = _token_axes(mesh, rules, t)
+  token_axes = dividing_axes(mesh, rules, "activation_batch", t)
   hidden_axes = _hidden_axes(mesh, rules, hidden)
-  tok = P(_spec_entry(token_axes), None)
-  w_in = P(EXPERT_AXIS, None, _spec_entry(hidden_axes))
-  w_out = P(EXPERT_AXIS, _spec_entry(hidden_axes), None)
+  tok = P(spec_entry(token_axes), None)
+  w_in = P(EXPERT_AXIS, None, spec_entry(hidden_axes))
+  w_out = P(EXPERT_AXIS, spec_entry(hidden_axes), None)
   split = EXPERT_AXIS in token_axes
 
   def body(x, idx, weights, w_gate, w_up, w_down):
@@ -285,19 +246,16 @@ def expert_parallel_experts(x, idx, weights, w_gate, w_up, w_down, *,
                                    collective=collective, capacity_factor=capacity_factor)
     else:
       y, dropped = _local_replicated(x, idx, weights, w_gate, w_up, w_down, num_experts=num_experts,
-                                     hidden_axes=hidden_axes, expert_ffn=expert_ffn)
+                                     hidden_axes=hidden_axes, expert_ffn=expert_ffn,
+                                     expert_axis=EXPERT_AXIS if ep > 1 else None)
     if token_axes:
       dropped = jax.lax.psum(dropped, token_axes)
     return y, dropped.astype(jnp.float32)
 
   args = (x, idx, weights, w_gate, w_up, w_down)
   specs = (tok, tok, tok, w_in, w_in, w_out)
-  explicit = any(t_ == jax.sharding.AxisType.Explicit for t_ in getattr(mesh, "axis_types", ()))
-  if explicit:
-    args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs))
   # Pallas calls carry no varying-manual-axes types, so the caller turns the check off for them.
-  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, P()), check_vma=check_vma)
-  y, dropped = fn(*args)
+  y, dropped = shard_map(body, mesh, specs, (tok, P()), *args, check_vma=check_vma)
   if return_dropped:
     return y, dropped / (t * idx.shape[1])
   return y

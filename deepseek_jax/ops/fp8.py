@@ -29,6 +29,8 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from deepseek_jax.ops import per_shard
+
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)  # jnp.float8_e4m3fn names the same dtype
 E4M3_MAX = 448.0                     # largest finite E4M3 value (e4m3fn: no infinities)
 E4M3_MIN_NORMAL = 2.0 ** -6          # below this E4M3 is subnormal (absolute step 2^-9)
@@ -243,10 +245,12 @@ def dequantize_weight(w_fp8, scale, block: Sequence[int] = (128, 128), dtype=jnp
 # ------------------------------------------------------------------------------------------------------
 
 def native_fp8_available() -> bool:
-  """True where the default backend has FP8 tensor cores (NVIDIA compute capability >= 8.9)."""
+  """True where the default backend has FP8 tensor cores (NVIDIA compute capability >= 8.9), and while
+  tracing for a GPU target from another backend (`kernels._common.target_backend('gpu')`: an H100)."""
+  from kernels._common import backend  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   if dev.platform != "gpu":
-    return False
+    return backend() == "gpu"
   cc = getattr(dev, "compute_capability", None)
   try:
     return cc is not None and tuple(int(v) for v in str(cc).split(".")[:2]) >= (8, 9)
@@ -371,7 +375,8 @@ def _fp8_matmul_2d_fwd(x, w, tile, block, out_dtype, simulate, chunks_per_step):
 def _fp8_matmul_2d_bwd(tile, block, out_dtype, simulate, chunks_per_step, res, dy):
   x, w = res
   dx = _dgrad_gemm(dy, w, tile, block, simulate, chunks_per_step).astype(x.dtype)
-  dw = _wgrad_gemm(x, dy, tile, simulate, chunks_per_step).astype(w.dtype)
+  dw = per_shard.summed_over_tokens(
+      lambda x, dy: _wgrad_gemm(x, dy, tile, simulate, chunks_per_step), x, dy).astype(w.dtype)
   return dx, dw
 
 

@@ -20,6 +20,7 @@ override the case; `--dtype` picks the recipes compiled, e.g. 'bf16,fp8'.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,13 @@ def cases(flags) -> list[dict]:
     base["seq_len"] = int(flags.seq_len)
   if getattr(flags, "remat", ""):
     base["overrides"]["remat_policy"] = flags.remat
+  target = getattr(flags, "target", "") or "cpu"
+  if target not in ("cpu", "h100"):
+    raise ValueError(f"--target={target!r}: the scale suite compiles for 'cpu' (host devices) or 'h100'")
+  base["target"] = target
+  if target == "h100":
+    # What the GPU runs: the flash attention and grouped matmul kernels, compiled.
+    base["overrides"].update(attention_impl="pallas", moe_impl="pallas")
   recipes = [r for r in (getattr(flags, "dtype", "") or "bf16,fp8").split(",") if r]
   out = []
   for r in recipes:
@@ -95,24 +103,34 @@ def compile_case(case: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from deepseek_jax import sharding  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.analysis import cuda_compile  # pylint: disable=g-import-not-at-top
   from deepseek_jax.model import DeepSeekV3  # pylint: disable=g-import-not-at-top
   from deepseek_jax.training.optimizer import Schedules, make_optimizer  # pylint: disable=g-import-not-at-top
   from deepseek_jax.training.state import init_state  # pylint: disable=g-import-not-at-top
   from deepseek_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
+  from kernels._common import target_backend  # pylint: disable=g-import-not-at-top
 
   cfg = model_config_of(case)
-  mesh = sharding.make_mesh(**case["mesh"])
+  h100 = case.get("target") == "h100"
+  devices = cuda_compile.h100_devices(math.prod(case["mesh"].values())) if h100 else None
+  mesh = sharding.make_mesh(**case["mesh"], devices=devices)
   model = DeepSeekV3(cfg)
   tx_factory = lambda p: make_optimizer(p, mu_dtype=case["moment_dtype"])
   t0 = time.perf_counter()
   # As the trainer does: the state's shardings from the rules, then everything else under the mesh.
   sharding_fn = sharding.train_state_sharding(model, mesh)
   batch_sharding = sharding.data_sharding(mesh)
-  with sharding.use_mesh(mesh):
-    state, tx, shardings = init_state(model, tx_factory, jax.random.PRNGKey(0), case["seq_len"], sharding_fn,
-                                      abstract_only=True)
-    if not case.get("compile", True):
-      return {"devices": int(mesh.size), "state": state_bytes(state)}
+  # The abstract state is made before the mesh is entered: its eager key split runs on this host (the
+  # compile-only devices run nothing).
+  state, tx, shardings = init_state(model, tx_factory, jax.random.PRNGKey(0), case["seq_len"], sharding_fn,
+                                    abstract_only=True)
+  if not case.get("compile", True):
+    return {"devices": int(mesh.size), "state": state_bytes(state)}
+  with contextlib.ExitStack() as stack:
+    if h100:
+      stack.enter_context(target_backend("gpu"))
+      stack.enter_context(cuda_compile.hopper_target())
+    stack.enter_context(sharding.use_mesh(mesh))
     step = make_train_step(model, tx, Schedules(steps=1000), alpha=1e-4, grad_accum=case["grad_accum"],
                            state_sharding=shardings, batch_sharding=batch_sharding)
     tokens = jax.ShapeDtypeStruct((case["batch"], case["seq_len"]), jnp.int32, sharding=batch_sharding)
@@ -164,7 +182,8 @@ def plan_case(case: dict) -> dict:
 def _child(case: dict, timeout: float) -> dict:
   devices = math.prod(case["mesh"].values())
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+  if case.get("target") != "h100":
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
   proc = subprocess.run([sys.executable, "-m", "experiments.benchmarks.scale", json.dumps(case)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout, check=False)
   sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "")

@@ -2,6 +2,8 @@
 
   python -m tests.parallel.model_worker layouts [OUT.npz]  # 8 devices, one process: JSON of differences
                                                            # (OUT.npz: the data2_fsdp2_expert2 results)
+  python -m tests.parallel.model_worker kernels            # Pallas attention + experts (interpret mode) on
+                                                           # data2_fsdp2_tensor2 vs one device: JSON
   python -m tests.parallel.model_worker run OUT.npz LAYOUT [COORD NUM_PROC PROC_ID]
       # one layout, optionally as one process of several (jax.distributed on CPU); process 0 writes OUT.npz
 """
@@ -134,7 +136,32 @@ def diffs(a, b):
 def main():
   model = dsj.DeepSeekV3(CFG)
   variables = host_variables(model)
-  if sys.argv[1] == "layouts":
+  if sys.argv[1] == "kernels":
+    # The Pallas kernels run per device (ops.per_shard) on a mesh without an expert axis: the attention on
+    # its rows and heads, the experts on its own tokens.
+    kmodel = dsj.DeepSeekV3(CFG.replace(attention_impl="pallas", moe_impl="pallas", pallas_interpret=True,
+                                        num_hidden_layers=1, first_k_dense_replace=0))
+    variables = host_variables(kmodel)
+    tokens = jnp.asarray(batch_np(0)["inputs"])
+    logits, tpe, _, g = jax.jit(fwd_grad(kmodel))(variables, tokens)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    var_sh = sharding.variable_shardings(kmodel, mesh, jnp.zeros((1, 1), jnp.int32))
+    with jax.set_mesh(mesh), sharding.rules_context(mesh=mesh):
+      tok = jax.device_put(tokens, sharding.data_sharding(mesh))
+      s_logits, s_tpe, _, s_g = jax.jit(fwd_grad(kmodel))(place(variables, var_sh), tok)
+    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+    # The FP8 GEMM's weight gradient sums each device's tokens, then adds the partial sums over the mesh.
+    from deepseek_jax.ops import fp8  # pylint: disable=g-import-not-at-top
+    x = jax.random.normal(jax.random.PRNGKey(1), (512, 256))
+    w = jax.random.normal(jax.random.PRNGKey(2), (256, 128))
+    fp8_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fp8.fp8_matmul(x, w))), argnums=(0, 1)))
+    dx, dw = fp8_grad(x, w)
+    with jax.set_mesh(mesh), sharding.rules_context(mesh=mesh):
+      s_dx, s_dw = fp8_grad(jax.device_put(x, sharding.data_sharding(mesh)), w)
+    print(json.dumps({"logits": rel(s_logits, logits), "tpe": rel(s_tpe, tpe),
+                      "grad_max": max(rel(a, b) for a, b in zip(jax.tree.leaves(s_g), jax.tree.leaves(g))),
+                      "fp8_dx": rel(s_dx, dx), "fp8_dw": rel(s_dw, dw)}))
+  elif sys.argv[1] == "layouts":
     ref = run_single(model, variables)
     out = {"ref_losses": ref["losses"].tolist()}
     for name, shape in LAYOUTS.items():
