@@ -59,8 +59,8 @@ _CAPACITY = flags.DEFINE_float("capacity_factor", None, "Memory plan: expert-par
                                "the balanced share (default: the model's moe_capacity_factor; none = dropless).")
 _ATTENTION = flags.DEFINE_enum("attention_impl", "pallas", ["pallas", "xla"], "Memory plan: the flash kernel "
                                "of GPU runs, or the XLA attention that keeps its probabilities.")
-_ZERO1 = flags.DEFINE_bool("zero1", False, "Memory plan: optimizer state also split over the data axis "
-                           "(sharding.train_state_sharding(zero1_axes=('data',))).")
+_ZERO1 = flags.DEFINE_bool("zero1", None, "Memory plan: optimizer state also split over the data axis, as the "
+                           "trainer's config.zero1 does (default: the config's zero1, else off).")
 _GPUS_PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "Communication plan: GPUs per NVLink node.")
 _CAUSAL = flags.DEFINE_bool("causal", True, "Count causal-average attention ((S+1)/2 keys), else all S.")
 
@@ -230,9 +230,10 @@ def plans(cfg, seq_len, exp, gpu_name) -> Optional[dict]:
                            else tokens_axes * accum)
   moments = _MOMENT_DTYPE.value or (exp.optimizer.get("mu_dtype", "float32") if exp is not None
                                     and "optimizer" in exp else "float32")
+  zero1 = _ZERO1.value if _ZERO1.value is not None else bool(exp is not None and exp.get("zero1", False))
   gpu = hardware.get_gpu(gpu_name)
   plan = memory.memory_plan(cfg, sizes, batch_size=batch, seq_len=seq_len, grad_accum=accum,
-                            moment_dtype=moments, zero1_axes=("data",) if _ZERO1.value else (),
+                            moment_dtype=moments, zero1_axes=("data",) if zero1 else (),
                             attention_impl=_ATTENTION.value, hbm_gb=gpu.hbm_gb)
   # Default MFU: what DeepSeek-V3's reported pre-training GPU-hours imply (cost.deepseek_v3_report).
   mfu = _MFU.value or cost.deepseek_v3_report()["implied_mfu"]["pre-training"][_PRECISION.value]

@@ -161,7 +161,7 @@ def expert_rows_per_token(cfg: ModelConfig, expert: int, capacity_factor: Option
 
 
 def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 1, rows: float = 0.0,
-                    attention_impl: str = "xla") -> dict:
+                    attention_impl: str = "xla", sent_rows: Optional[float] = None) -> dict:
   """Elements per token one block's backward reads with no rematerialization (module docstring).
 
   Args:
@@ -171,6 +171,8 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
     tensor: the tensor axis size.
     rows: routed rows held per token (`expert_rows_per_token`'s bound).
     attention_impl: 'xla' (chunked causal probabilities kept) or 'pallas' (flash: log-sum-exp only).
+    sent_rows: rows per token of the buffers a device sends and gets back (default K, the ragged exchange's
+      sorted rows; the padded exchange sends `rows`).
   Returns:
     dict: act (compute-dtype elements), f32 (fp32 elements), dots and dots_f32 (the matmul outputs among
     them, what the 'dots' policies keep), routed_rows (elements whose cotangents are fp32 whatever the
@@ -201,7 +203,8 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     f = cfg.moe_intermediate_size / t
     fs = cfg.moe_intermediate_size * cfg.n_shared_experts / t
-    routed = k * d + rows * d + 3 * rows * f + rows * d + k * d
+    sent = k if sent_rows is None else sent_rows
+    routed = sent * d + rows * d + 3 * rows * f + rows * d + sent * d
     shared = (3 * fs + d) if cfg.n_shared_experts else 0
     out["act"] += 2 * d + routed + shared + d
     out["f32"] += 2 * e
@@ -209,7 +212,7 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
     out["dots_f32"] += e
     # Rows of D whose cotangents are fp32: the gate weights are fp32, so the combine's gradient is, and it
     # flows back as fp32 through the returned rows, the expert outputs and the dispatch buffers.
-    out["routed_rows"] = 2 * k * d + 3 * rows * d
+    out["routed_rows"] = 2 * sent * d + 3 * rows * d
     if kind == "mtp":
       out["act"] += 2 * d + 2 * d
   return out
@@ -218,7 +221,7 @@ def block_residuals(cfg: ModelConfig, kind: str, *, seq_len: int, tensor: int = 
 def memory_plan(cfg: ModelConfig, mesh_sizes: Mapping[str, int], *, batch_size: int, seq_len: int,
                 grad_accum: int = 1, moment_dtype: str = "float32", zero1_axes: Sequence[str] = (),
                 attention_impl: str = "pallas", capacity_factor="config", hbm_gb: Optional[float] = None,
-                rules: Optional[Sequence] = None) -> dict:
+                rules: Optional[Sequence] = None, dispatch: str = "ragged") -> dict:
   """Per-device bytes of one train step of `cfg` on a mesh (module docstring for every term).
 
   The dtypes are the model's: `cfg.param_dtype` for parameters and gradients, `cfg.dtype` for activations
@@ -237,6 +240,9 @@ def memory_plan(cfg: ModelConfig, mesh_sizes: Mapping[str, int], *, batch_size: 
     capacity_factor: expert-parallel capacity; 'config' takes cfg.moe_capacity_factor (None: dropless).
     hbm_gb: device memory in GB (10^9 bytes) for the verdict; None: no verdict.
     rules: logical-axis rules (default `sharding.LOGICAL_RULES`).
+    dispatch: the expert-parallel exchange (`ops.expert_parallel`): 'ragged' (GPU: a device sends its
+      tokens' K sorted rows) or 'padded' (backends without a ragged all-to-all: [ep, C, D] buffers, the
+      bound's rows, both ways).
   Returns:
     dict of per-device bytes: params, router, grads, optimizer, batch_inputs, saved_activations,
     layer_working_set, head_working_set, activations, total; and devices, tokens_per_device, microbatch,
@@ -298,12 +304,16 @@ def memory_plan(cfg: ModelConfig, mesh_sizes: Mapping[str, int], *, batch_size: 
       used.append(a)
   tokens = micro * seq_len / shards
   batch_inputs = 2 * 4 * batch_size * seq_len / shards
+  if dispatch not in ("ragged", "padded"):
+    raise ValueError(f"dispatch={dispatch!r}: expected 'ragged' or 'padded'")
   rows = expert_rows_per_token(cfg, sizes["expert"] if "expert" in used else 1, capacity_factor)
+  sent = rows["bound"] if dispatch == "padded" and "expert" in used and sizes["expert"] > 1 else None
   t = sizes["tensor"]
   kinds = {"dense": cfg.num_hidden_layers - cfg.num_moe_layers, "moe": cfg.num_moe_layers,
            "mtp": cfg.num_nextn_predict_layers}
   res = {k: block_residuals(cfg, "dense" if (k == "mtp" and not cfg.n_routed_experts) else k,
-                            seq_len=seq_len, tensor=t, rows=rows["bound"], attention_impl=attention_impl)
+                            seq_len=seq_len, tensor=t, rows=rows["bound"], attention_impl=attention_impl,
+                            sent_rows=sent)
          for k in kinds}
   res_bytes = {k: r["act"] * ab + r["f32"] * 4 for k, r in res.items()}
   policy = cfg.remat_policy

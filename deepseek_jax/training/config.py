@@ -9,7 +9,7 @@ Fields (defaults are the DeepSeek-V3 recipe, report sections 3-4, scaled to `ste
   data.path ('' = the Python standard library), data.tokenizer ('byte' | 'bpe' | tokenizer path),
   data.cache_dir ('' = default), seed, steps, batch_size (global sequences), seq_len, grad_accum,
   log_every, checkpoint_every, eval_every, eval_batches, max_to_keep, max_bad_steps, precision,
-  mesh.{data,fsdp,expert,tensor} (-1: the remaining devices),
+  mesh.{data,fsdp,expert,tensor} (-1: the remaining devices), zero1 (AdamW moments also split over 'data'),
   optimizer.{lr, b1, b2, eps, weight_decay, clip_norm, mu_dtype, decay_embeddings, warmup_fraction,
     constant_until, cosine_until, tail_until, final_lr_ratio, min_lr_ratio},
   mtp.{lambda_early, lambda_late, switch_fraction}, balance.{alpha, gamma, gamma_until},
@@ -90,6 +90,8 @@ def default_config() -> config_dict.ConfigDict:
   c.progress = True
 
   c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  # ZeRO-1: the optimizer state is split over the 'data' replicas too (parameters and gradients are not).
+  c.zero1 = False
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.lr = 2.2e-4

@@ -3,7 +3,7 @@ config (`experiment_config.json`), against which a restart is checked.
 
 Identity: every field of the resolved experiment config, except those in `RESUMABLE_FIELDS`, must be the
 same when a run directory is trained again. The resumable ones are bookkeeping (steps, logging, checkpoint
-and evaluation cadence, sampling, profiling, the data cache), the layout over devices (mesh, grad_accum),
+and evaluation cadence, sampling, profiling, the data cache), the layout over devices (mesh, zero1, grad_accum),
 the model's implementation choices that never change the math (attention/moe/matmul implementation, remat
 policy), and the learning-rate schedule's values (lr and its phase fractions, MTP weights, balance speed,
 batch ramp), which a run may lower or stretch when resumed. Everything else (the model, the data and
@@ -27,7 +27,7 @@ LOCK_FILE = "train.lock"
 
 RESUMABLE_FIELDS = (
     "steps", "log_every", "checkpoint_every", "eval_every", "eval_batches", "max_to_keep", "max_bad_steps",
-    "progress", "grad_accum", "mesh.*", "profile.*", "sample.*", "data.cache_dir", "model.preset",
+    "progress", "grad_accum", "mesh.*", "zero1", "profile.*", "sample.*", "data.cache_dir", "model.preset",
     "model.attention_impl", "model.moe_impl", "model.matmul_impl", "model.remat_policy",
     "optimizer.lr", "optimizer.warmup_fraction", "optimizer.constant_until", "optimizer.cosine_until",
     "optimizer.tail_until", "optimizer.min_lr_ratio", "optimizer.final_lr_ratio", "mtp.*", "balance.*",

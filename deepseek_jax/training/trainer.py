@@ -126,7 +126,8 @@ def _describe(workdir: str, current: dict, cfg, mesh) -> None:
         "the MTP modules")
   devices = jax.devices()
   print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) in "
-        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}", flush=True)
+        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}"
+        + ("; optimizer state also split over 'data' (ZeRO-1)" if current.get("zero1") else ""), flush=True)
 
 
 def _signal_guard():
@@ -361,7 +362,7 @@ def _train(config, workdir, init_from, cfg, schedules, current, t_start) -> dict
     return make_optimizer(params, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                           clip_norm=o.clip_norm, mu_dtype=o.mu_dtype, decay_embeddings=o.decay_embeddings)
 
-  sharding_fn = sharding_lib.train_state_sharding(model, mesh)
+  sharding_fn = sharding_lib.train_state_sharding(model, mesh, zero1_axes=("data",) if config.zero1 else ())
   batch_sharding = sharding_lib.data_sharding(mesh)
   data_index, data_count = data_shard(batch_sharding, int(config.batch_size))
   rng = jax.random.PRNGKey(int(config.seed))

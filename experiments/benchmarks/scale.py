@@ -118,7 +118,7 @@ def compile_case(case: dict) -> dict:
   tx_factory = lambda p: make_optimizer(p, mu_dtype=case["moment_dtype"])
   t0 = time.perf_counter()
   # As the trainer does: the state's shardings from the rules, then everything else under the mesh.
-  sharding_fn = sharding.train_state_sharding(model, mesh)
+  sharding_fn = sharding.train_state_sharding(model, mesh, zero1_axes=("data",) if case.get("zero1") else ())
   batch_sharding = sharding.data_sharding(mesh)
   # The abstract state is made before the mesh is entered: its eager key split runs on this host (the
   # compile-only devices run nothing).
@@ -176,13 +176,17 @@ def plan_case(case: dict) -> dict:
   cfg = model_config_of(case)
   return memory.memory_plan(cfg, case["mesh"], batch_size=case["batch"], seq_len=case["seq_len"],
                             grad_accum=case["grad_accum"], moment_dtype=case["moment_dtype"],
-                            attention_impl="pallas" if cfg.attention_impl == "pallas" else "xla")
+                            zero1_axes=("data",) if case.get("zero1") else (),
+                            attention_impl="pallas" if cfg.attention_impl == "pallas" else "xla",
+                            dispatch="ragged" if case.get("target") == "h100" else "padded")
 
 
-def _child(case: dict, timeout: float) -> dict:
-  devices = math.prod(case["mesh"].values())
+def _child(case, timeout: float):
+  """compile_case(case) (or of each case of a list, same device count) in a child process."""
+  devices = math.prod((case[0] if isinstance(case, list) else case)["mesh"].values())
+  target = (case[0] if isinstance(case, list) else case).get("target")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  if case.get("target") != "h100":
+  if target != "h100":
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
   proc = subprocess.run([sys.executable, "-m", "experiments.benchmarks.scale", json.dumps(case)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -225,4 +229,6 @@ def run(flags) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps(compile_case(json.loads(sys.argv[1]))))
+  # One case, or a list of cases on the same device count (one JSON result each, in order).
+  arg = json.loads(sys.argv[1])
+  print(json.dumps([compile_case(c) for c in arg] if isinstance(arg, list) else compile_case(arg)))

@@ -28,13 +28,15 @@ LAYOUTS = {
     "single": (1, {}),
     "data2_fsdp2_expert2": (8, {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}),
     "fsdp2_expert2_tensor2": (8, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}),
+    # ZeRO-1: the AdamW moments also split over the data replicas, the parameters not.
+    "data4_fsdp2_zero1": (8, {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1, "zero1": True}),
 }
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f"deepseek_jax_test_cache_{os.getuid()}")
 
 
 def _train(workdir, devices, mesh):
   flags = [f"--config.{k}={v}" for k, v in MICRO.items()]
-  flags += [f"--config.mesh.{k}={v}" for k, v in mesh.items()]
+  flags += [f"--config.mesh.{k}={v}" if k != "zero1" else f"--config.zero1={v}" for k, v in mesh.items()]
   env = worker_env(devices)
   # Compilation dominates these micro runs: XLA:CPU at optimization level 0 (all layouts alike).
   env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
@@ -74,7 +76,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["data2_fsdp2_expert2", "fsdp2_expert2_tensor2"])
+@pytest.mark.parametrize("layout", ["data2_fsdp2_expert2", "fsdp2_expert2_tensor2", "data4_fsdp2_zero1"])
 def test_sharded_cli_run_matches_single_device(runs, layout):
   ref = runs["single"][1]
   got = runs[layout][1]
@@ -94,8 +96,14 @@ def test_sharded_cli_run_lays_out_state_by_rules(runs):
       ("fsdp2_expert2_tensor2", "params.layers_1.mlp.experts.gate_proj"): ["expert", "fsdp", "tensor"],
       ("fsdp2_expert2_tensor2", "params.layers_0.self_attn.o_proj.kernel"): ["tensor", None, "fsdp"],
       ("fsdp2_expert2_tensor2", "params.lm_head.kernel"): ["fsdp", None],  # vocab 259: odd
+      # ZeRO-1: moments take 'data' on their first whole dim that it divides; parameters stay replicated
+      # over it.
+      ("data4_fsdp2_zero1", "params.layers_1.mlp.experts.gate_proj"): [None, "fsdp", None],
+      ("data4_fsdp2_zero1", "opt_state.1.mu.layers_1.mlp.experts.gate_proj"): ["data", "fsdp", None],
+      ("data4_fsdp2_zero1", "opt_state.1.nu.layers_1.mlp.experts.down_proj"): ["data", None, "fsdp"],
   }
-  specs = {name: _saved_specs(runs[name][0]) for name in ("data2_fsdp2_expert2", "fsdp2_expert2_tensor2")}
+  specs = {name: _saved_specs(runs[name][0])
+           for name in ("data2_fsdp2_expert2", "fsdp2_expert2_tensor2", "data4_fsdp2_zero1")}
   for (layout, path), spec in want.items():
     got = specs[layout].get(path)
     assert got is not None, (layout, path, sorted(specs[layout])[:20])
