@@ -19,7 +19,8 @@ per token; fp32 where the model computes in fp32):
   MLA    norm input and output, q_a and its norm, q, q_pe / k_pe rotated, kv_a, norm(c_kv), kv_b's output,
          the concatenated per-head q and k, the attention output; the softmax statistics (XLA: the chunked
          causal probabilities, fp32; 'pallas': the log-sum-exp only)
-  MoE    norm input and output, router logits and scores (fp32), the tokens' K sorted rows, the R received
+  MoE    norm input and output, router logits and scores (fp32), the tokens' K sorted rows (R with the
+         padded exchange of backends without a ragged all-to-all), the R received
          rows, gate / up / silu x up [3 R F / t], expert outputs R, the returned K rows, shared experts; the
          cotangents of the routed rows are fp32 (the gate weights are)
   dense  norm input and output, gate / up / silu x up [3 I / t], output

@@ -8,6 +8,10 @@ mesh has, every per-device shape is the plan's own.  `compiled.memory_analysis()
 argument, output, alias and temporary bytes; `analysis.memory.memory_plan` of the same run is printed beside
 them.
 
+With `--target=h100` (run from a CUDA-plugin environment, `.ci/cuda_env.sh`) the devices are compile-only
+H100s of the CUDA plugin (`analysis.cuda_compile.h100_devices`) and XLA's GPU compiler compiles the step as
+the GPUs would run it: the Pallas kernels compiled, the FP8 recipe on FP8 dots; no GPU is needed.
+
 Each case compiles in a child process (the host device count is fixed when XLA starts):
 
     python -m experiments.bench --suite=scale                     # the V3 recipe of experiments/configs/v3.py
