@@ -19,8 +19,8 @@ def _cuda_plugin_installed() -> bool:
 # Compilation dominates the suite (small shapes, few steps). Optimization level 0 skips LLVM's passes and
 # compiles about three times faster. The optimized HLO is the same at either level (LLVM's code may round
 # differently in the last bits), and every run a test compares is compiled alike (subprocesses inherit the
-# flag). Not where a CUDA plugin is
-# installed: the CUDA compile check (tests/gpu) reports the GPU code as XLA builds it by default.
+# flag). Not where a CUDA plugin is installed: the CUDA compile check (tests/gpu) reports the GPU code as XLA
+# builds it by default.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "") and not _cuda_plugin_installed():
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
