@@ -3,7 +3,6 @@ router statistics, training steps; parameters and optimizer state sit where the 
 localhost (4 CPU devices each, jax.distributed with gloo collectives) reproduce the single-process 8-device run
 of the same layout. One file, so that the single-process run (the `layouts` fixture) is computed once."""
 
-import os
 import socket
 import subprocess
 import sys
