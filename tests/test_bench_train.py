@@ -8,7 +8,8 @@ from experiments.benchmarks.common import bench_config
 
 
 def test_profile_of_our_step_names_the_layers(tmp_path):
-  _, _, step_and_args = train_bench._ours(bench_config("tiny"), 2, 32)  # pylint: disable=protected-access
+  cfg = bench_config("tiny", num_hidden_layers=2)   # a dense and an MoE layer, and the MTP block
+  _, _, step_and_args = train_bench._ours(cfg, 2, 32)  # pylint: disable=protected-access
   out = train_bench._profile(step_and_args, str(tmp_path))  # pylint: disable=protected-access
   assert {"trace", "train_step.hlo.txt", "ops.json", "summary.txt"} <= set(os.listdir(tmp_path))
   with open(tmp_path / "ops.json") as f:

@@ -11,8 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def worker_env(devices: int) -> dict:
+  """The environment of a worker with `devices` host CPU devices.
+
+  XLA:CPU runs at optimization level 0: compilation dominates these few-step runs, and level 0 skips LLVM's
+  optimization passes. Every run a test compares is started with the same flags.
+  """
   e = dict(os.environ)
-  e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+           JAX_PLATFORMS="cpu")
   return e
 
 

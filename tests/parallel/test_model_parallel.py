@@ -1,7 +1,16 @@
 """The whole model sharded over data + fsdp + expert (+ tensor) equals one device: forward, gradients,
-router statistics, training steps; parameters and optimizer state sit where the rules say."""
+router statistics, training steps; parameters and optimizer state sit where the rules say; and two processes on
+localhost (4 CPU devices each, jax.distributed with gloo collectives) reproduce the single-process 8-device run
+of the same layout. One file, so that the single-process run (the `layouts` fixture) is computed once."""
 
+import socket
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+
+from tests.parallel.conftest import ROOT, worker_env
 
 LAYOUTS = ("data2_fsdp2_expert2", "fsdp2_expert2_tensor2")
 
@@ -51,10 +60,33 @@ def test_parameter_shardings_follow_rules(layouts):
       assert got == spec, (layout, path, specs[path])
 
 
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_pallas_kernels_run_per_device_and_match_one_device(script):
-  # Attention and experts as the GPU runs them (Pallas, here in interpret mode) on data 2 x fsdp 2 x tensor 2.
-  r = script("model_worker", "kernels")
-  assert r["logits"] < 1e-5 and r["grad_max"] < 1e-5 and r["tpe"] == 0.0, r
-  # FP8 GEMMs under the mesh: the weight gradient is summed per device, then over the token axes.
-  assert r["fp8_dx"] < 1e-6 and r["fp8_dw"] < 1e-5, r
+def test_two_processes_match_one(layouts, tmp_path):
+  out = str(tmp_path / "mp.npz")
+  coord = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.parallel.model_worker", "run", out,
+                             "data2_fsdp2_expert2", coord, "2", str(i)], cwd=ROOT, env=worker_env(4),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    logs.append((p.returncode, stdout, stderr[-4000:]))
+  assert all(rc == 0 for rc, _, _ in logs), logs
+  assert '"processes": 2, "devices": 8, "local_devices": 4' in logs[0][1]
+  multi, single = np.load(out), np.load(layouts["npz"])
+  assert set(multi.files) == set(single.files)
+  for k in single.files:
+    scale = max(float(np.max(np.abs(single[k]))), 1e-30)
+    np.testing.assert_array_less(np.max(np.abs(multi[k] - single[k])) / scale, 1e-5, err_msg=k)
+  assert multi["losses"].shape == (3,)
