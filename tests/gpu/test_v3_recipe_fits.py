@@ -1,8 +1,8 @@
 """The V3 recipe (experiments/configs/v3.py) compiled by XLA's GPU compiler for 2,048 H100s fits 80 GB per
 device in bf16 and in FP8, and the memory plan is within 15% of it (docs/scale.md).
 
-Runs where a jax CUDA plugin is importable (`.ci/cuda_env.sh`; no GPU
-needed): the full-depth step compiles for minutes, so only in the check's 'all' run, not its 'quick' one.
+Runs where a jax CUDA plugin is importable (`.ci/cuda_env.sh`; no GPU needed): the full-depth step compiles
+for minutes, so only in the check's 'all' run, not its 'quick' one.
 """
 
 import os
