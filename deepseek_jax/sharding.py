@@ -23,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # The data-parallel axes: a batch's rows split over all three (expert-parallel devices see different tokens).
 BATCH_AXES = ("data", "fsdp", "expert")
+# ZeRO-1 (`config.zero1`): the optimizer state is split over the data replicas as well.
+ZERO1_AXES = ("data",)
 
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: tuple = (

@@ -21,6 +21,7 @@ from absl import flags
 
 from deepseek_jax.analysis import cost, hardware, memory
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.sharding import ZERO1_AXES
 from experiments import cli
 
 _PRESET = flags.DEFINE_string("preset", "deepseek-v3", "ModelConfig preset (ignored with --config).")
@@ -233,7 +234,7 @@ def plans(cfg, seq_len, exp, gpu_name) -> Optional[dict]:
   zero1 = _ZERO1.value if _ZERO1.value is not None else bool(exp is not None and exp.get("zero1", False))
   gpu = hardware.get_gpu(gpu_name)
   plan = memory.memory_plan(cfg, sizes, batch_size=batch, seq_len=seq_len, grad_accum=accum,
-                            moment_dtype=moments, zero1_axes=("data",) if zero1 else (),
+                            moment_dtype=moments, zero1_axes=ZERO1_AXES if zero1 else (),
                             attention_impl=_ATTENTION.value, hbm_gb=gpu.hbm_gb)
   # Default MFU: what DeepSeek-V3's reported pre-training GPU-hours imply (cost.deepseek_v3_report).
   mfu = _MFU.value or cost.deepseek_v3_report()["implied_mfu"]["pre-training"][_PRECISION.value]

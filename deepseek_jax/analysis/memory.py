@@ -308,7 +308,7 @@ def memory_plan(cfg: ModelConfig, mesh_sizes: Mapping[str, int], *, batch_size: 
   if dispatch not in ("ragged", "padded"):
     raise ValueError(f"dispatch={dispatch!r}: expected 'ragged' or 'padded'")
   rows = expert_rows_per_token(cfg, sizes["expert"] if "expert" in used else 1, capacity_factor)
-  sent = rows["bound"] if dispatch == "padded" and "expert" in used and sizes["expert"] > 1 else None
+  sent = rows["bound"] if dispatch == "padded" and "expert" in used else None
   t = sizes["tensor"]
   kinds = {"dense": cfg.num_hidden_layers - cfg.num_moe_layers, "moe": cfg.num_moe_layers,
            "mtp": cfg.num_nextn_predict_layers}

@@ -49,12 +49,13 @@ def rule_axes(rules, name: str) -> tuple:
 
 
 def dividing_axes(mesh, rules, name: str, size: int) -> tuple:
-  """The mesh axes of logical axis `name`, in order, while their product divides `size` (size-1 and absent
-  axes skipped): the axes a dim of that size is split over."""
+  """The mesh axes of logical axis `name`, in order, while their product divides `size` (size-1, absent and
+  already-manual axes skipped): the axes a dim of that size is split over."""
   shape = dict(mesh.shape)
+  manual = getattr(mesh, "manual_axes", ())
   axes, n = [], 1
   for a in rule_axes(rules, name):
-    if shape.get(a, 1) == 1:
+    if shape.get(a, 1) == 1 or a in manual:
       continue
     if size % (n * shape[a]):
       break

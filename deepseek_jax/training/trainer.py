@@ -362,7 +362,7 @@ def _train(config, workdir, init_from, cfg, schedules, current, t_start) -> dict
     return make_optimizer(params, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                           clip_norm=o.clip_norm, mu_dtype=o.mu_dtype, decay_embeddings=o.decay_embeddings)
 
-  sharding_fn = sharding_lib.train_state_sharding(model, mesh, zero1_axes=("data",) if config.zero1 else ())
+  sharding_fn = sharding_lib.train_state_sharding(model, mesh, zero1_axes=sharding_lib.ZERO1_AXES if config.zero1 else ())
   batch_sharding = sharding_lib.data_sharding(mesh)
   data_index, data_count = data_shard(batch_sharding, int(config.batch_size))
   rng = jax.random.PRNGKey(int(config.seed))

@@ -122,7 +122,7 @@ def compile_case(case: dict) -> dict:
   tx_factory = lambda p: make_optimizer(p, mu_dtype=case["moment_dtype"])
   t0 = time.perf_counter()
   # As the trainer does: the state's shardings from the rules, then everything else under the mesh.
-  sharding_fn = sharding.train_state_sharding(model, mesh, zero1_axes=("data",) if case.get("zero1") else ())
+  sharding_fn = sharding.train_state_sharding(model, mesh, zero1_axes=sharding.ZERO1_AXES if case.get("zero1") else ())
   batch_sharding = sharding.data_sharding(mesh)
   # The abstract state is made before the mesh is entered: its eager key split runs on this host (the
   # compile-only devices run nothing).
@@ -177,10 +177,11 @@ def state_bytes(state) -> dict:
 def plan_case(case: dict) -> dict:
   """`memory_plan` of the case."""
   from deepseek_jax.analysis import memory  # pylint: disable=g-import-not-at-top
+  from deepseek_jax.sharding import ZERO1_AXES  # pylint: disable=g-import-not-at-top
   cfg = model_config_of(case)
   return memory.memory_plan(cfg, case["mesh"], batch_size=case["batch"], seq_len=case["seq_len"],
                             grad_accum=case["grad_accum"], moment_dtype=case["moment_dtype"],
-                            zero1_axes=("data",) if case.get("zero1") else (),
+                            zero1_axes=ZERO1_AXES if case.get("zero1") else (),
                             attention_impl="pallas" if cfg.attention_impl == "pallas" else "xla",
                             dispatch="ragged" if case.get("target") == "h100" else "padded")
 
